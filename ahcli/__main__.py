@@ -1,0 +1,3 @@
+from ahcli.app import main
+
+main()

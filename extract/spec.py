@@ -1,0 +1,193 @@
+"""The extraction spec (`cache_spec.yaml`): typed, validated, fingerprinted.
+
+The fingerprint hashes everything that changes the stored numbers. Encoder weights are identified by a
+hash of their weight files (local folders) or by hub id + revision; `weights_id` fills that in once the
+encoders are resolved (see extract/encoders.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extract.errors import AHError
+
+BACKENDS = ("zarr", "hdf5")
+DTYPES = ("float16", "float32")
+LAYERS = ("last", "prefix")
+
+
+class SpecError(AHError):
+    """A spec file that is missing, malformed or holds an invalid value."""
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    frames: int = 16
+    train: int = 8
+    eval: int = 5
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    model: str = "MCG-NJU/videomae-base"
+    revision: str | None = None
+    size: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    model: str = "facebook/hubert-base-ls960"
+    revision: str | None = None
+    sample_rate: int = 16000
+    segment_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    model: str = "SamLowe/roberta-base-go_emotions"
+    revision: str | None = None
+    max_tokens: int = 512
+    window_aligned: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractionSpec:
+    version: int = 1
+    backend: str = "zarr"
+    dtype: str = "float16"
+    compress: bool = False
+    seed: int = 0
+    windows: WindowSpec = field(default_factory=WindowSpec)
+    layers: tuple[str, ...] = ("last",)
+    unfreeze_top: int = 2
+    video: VideoSpec = field(default_factory=VideoSpec)
+    audio: AudioSpec = field(default_factory=AudioSpec)
+    text: TextSpec = field(default_factory=TextSpec)
+    # Filled in after the encoders are resolved: modality -> weights hash or "hub-id@revision".
+    weights_id: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def numeric_fields(self) -> dict[str, Any]:
+        """Everything that changes the stored numbers (the backend and compression do not)."""
+        d = self.to_dict()
+        d.pop("backend")
+        d.pop("compress")
+        return d
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.numeric_fields(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def with_weights_id(self, ids: dict[str, str]) -> "ExtractionSpec":
+        return dataclasses.replace(self, weights_id=tuple(sorted(ids.items())))
+
+
+def _build(cls, data: Any, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def spec_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> ExtractionSpec:
+    """Build and validate a spec; relative local encoder folders resolve against `base_dir`."""
+    if not isinstance(data, dict):
+        raise SpecError("spec: expected a mapping at the top level")
+    data = dict(data)
+    sub = {
+        "windows": _build(WindowSpec, data.pop("windows", None), "windows"),
+        "video": _build(VideoSpec, data.pop("video", None), "video"),
+        "audio": _build(AudioSpec, data.pop("audio", None), "audio"),
+        "text": _build(TextSpec, data.pop("text", None), "text"),
+    }
+    if "weights_id" in data:
+        data["weights_id"] = tuple(tuple(x) for x in data["weights_id"])
+    spec = _build(ExtractionSpec, data, "spec")
+    spec = dataclasses.replace(spec, **sub)
+    if base_dir is not None:
+        spec = dataclasses.replace(
+            spec,
+            video=dataclasses.replace(spec.video, model=_resolve_model(spec.video.model, base_dir)),
+            audio=dataclasses.replace(spec.audio, model=_resolve_model(spec.audio.model, base_dir)),
+            text=dataclasses.replace(spec.text, model=_resolve_model(spec.text.model, base_dir)),
+        )
+    validate(spec)
+    return spec
+
+
+def _resolve_model(model: str, base_dir: Path) -> str:
+    """A path-like model that exists relative to the spec's folder becomes absolute; hub ids stay."""
+    p = Path(model).expanduser()
+    if p.is_absolute():
+        return str(p)
+    candidate = base_dir / p
+    if model.startswith((".", "/", "~")) or candidate.exists():
+        return str(candidate.resolve())
+    return model
+
+
+def validate(spec: ExtractionSpec) -> None:
+    if spec.backend not in BACKENDS:
+        raise SpecError(f"backend: {spec.backend!r} is not one of {', '.join(BACKENDS)}")
+    if spec.dtype not in DTYPES:
+        raise SpecError(f"dtype: {spec.dtype!r} is not one of {', '.join(DTYPES)}")
+    bad = [x for x in spec.layers if x not in LAYERS]
+    if bad or not spec.layers:
+        raise SpecError(f"layers: must be a non-empty subset of {', '.join(LAYERS)}, got {list(spec.layers)}")
+    w = spec.windows
+    if min(w.frames, w.train, w.eval) < 1:
+        raise SpecError("windows: frames, train and eval must all be >= 1")
+    if spec.unfreeze_top < 1:
+        raise SpecError("unfreeze_top: must be >= 1")
+    if len(spec.video.mean) != 3 or len(spec.video.std) != 3:
+        raise SpecError("video: mean and std need 3 values (RGB)")
+
+
+def load_spec(path: str | Path) -> ExtractionSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+    try:
+        return spec_from_dict(data, base_dir=path.parent.resolve())
+    except (SpecError, TypeError) as exc:
+        raise SpecError(f"{path}: {exc}") from exc
+
+
+def diff_fields(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two nested spec dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_fields(va, vb, name + ".")
+        elif va != vb:
+            out.append(name)
+    return out

@@ -1,0 +1,1 @@
+"""Stage 2: attention pooling, conflict-aware fusion and the heads, trained over the embedding cache."""
