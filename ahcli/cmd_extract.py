@@ -1,6 +1,104 @@
-"""Command group (to be filled in)."""
+"""Stage 1 commands: `encoders tiny`, `extract`, `cache info`, `cache verify`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+encoders_app = typer.Typer(help="Encoder utilities.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect and check an embedding cache.", no_args_is_help=True)
+
+
+@encoders_app.command("tiny")
+def encoders_tiny(
+    out: Path = typer.Argument(..., help="Folder to write DIR/video, DIR/audio, DIR/text and DIR/cache_spec.yaml into."),
+    seed: int = typer.Option(0, help="Seed of the random initialisation (same seed, same weights)."),
+) -> None:
+    """Write small random-initialised VideoMAE, HuBERT and RoBERTa models in HF format, plus a spec using them."""
+    from extract.encoders import write_tiny_encoders
+
+    spec = write_tiny_encoders(out, seed=seed)
+    console.print(f"wrote tiny encoders to {out} (spec: {spec})")
+
+
+def extract_cmd(
+    data: Path = typer.Argument(..., help="BAH root (the unzipped data.zip: Videos/, cropped-aligned-faces/, split/ ...)."),
+    cache: Path = typer.Argument(..., help="Cache folder to create or resume."),
+    spec: Path = typer.Option(Path("cache_spec.yaml"), "--spec", help="Extraction spec (encoders, windows, layers, backend)."),
+    splits: str = typer.Option("train,val,test,private", help="Comma-separated splits to extract."),
+    device: str = typer.Option("auto", help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."),
+    batch_size: int = typer.Option(16, help="Clips per video-encoder forward pass (a video's windows are split into batches of this size)."),
+    workers: int = typer.Option(2, help="DataLoader worker processes decoding frames and audio (0: decode in the main process)."),
+    force: bool = typer.Option(False, help="Wipe an existing cache made with a different spec and start over."),
+    repair: bool = typer.Option(False, help="Verify the cache first and re-extract only the videos found bad."),
+    private_root: Optional[Path] = typer.Option(None, help="Private test set root (default: ROOT/../test-set-30-participants-unlabeled/data)."),
+    allow_symlinks: bool = typer.Option(False, help="Follow symlinks that leave the dataset root (refused by default)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Run the frozen encoders once over a BAH tree and store their token sequences in CACHE.
+
+    Resumable: a rerun skips videos already complete. Videos that fail are listed in CACHE/errors and the
+    exit status is 1; every other video is still extracted. Under `torchrun --nproc-per-node K -m ahcli
+    extract ...` each process extracts a disjoint share.
+    """
+    from extract.run import ExtractOptions, extract
+
+    names = tuple(s.strip() for s in splits.split(",") if s.strip())
+    opts = ExtractOptions(splits=names, device=device, batch_size=batch_size, workers=workers, force=force,
+                          repair=repair, private_root=private_root, allow_symlinks=allow_symlinks, progress=progress)
+    summary = extract(data, cache, spec, opts)
+    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 reports under torchrun
+        return
+    console.print(f"extracted {summary.extracted} videos ({summary.clips} clips, {summary.clips_per_s:.1f} clips/s), "
+                  f"skipped {summary.skipped} already complete, failed {len(summary.failed)}")
+    for video_id, message in sorted(summary.failed.items()):
+        console.print(f"  [red]failed[/] {video_id}: {message}", highlight=False)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@cache_app.command("info")
+def cache_info(
+    cache: Path = typer.Argument(..., help="Cache folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Counts per split, fingerprint, sizes, completeness and a digest over all stored content."""
+    from extract.store import CacheReader
+
+    info = CacheReader(cache).info()
+    if as_json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+        return
+    table = Table(title=f"cache {cache}")
+    table.add_column("key")
+    table.add_column("value", overflow="fold")
+    for key, value in info.items():
+        if key == "spec":
+            continue
+        table.add_row(str(key), json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)
+
+
+@cache_app.command("verify")
+def cache_verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
+    """Check every video: complete, checksums, shapes/dtypes/lengths consistent, no NaN/Inf. Exit 1 naming each bad video."""
+    from extract.store import CacheReader
+
+    problems = CacheReader(cache).verify()
+    for p in problems:
+        console.print(f"[red]bad[/] {p['video_id']}: {p['problem']}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    console.print("cache OK")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.add_typer(encoders_app, name="encoders")
+    app.command("extract")(extract_cmd)
+    app.add_typer(cache_app, name="cache")

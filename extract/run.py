@@ -1,0 +1,300 @@
+"""The extraction loop: BAH tree -> frozen encoders -> cache.
+
+Decoding runs in DataLoader workers (one video per item: its windows' frames, its audio, its text), the
+encoders run in the main process, and finished videos are written by a background thread so the device
+never waits on the disk. Each video's windows go through the video encoder together as one batch, so a
+video's numbers never depend on which other videos ran beside it: a resumed run, or one sharded across
+processes with torchrun, writes the same bytes as a single uninterrupted run.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from extract.bah import SPLITS, Video, read_bah
+from extract.encoders import FrozenEncoders, load_encoders
+from extract.errors import AHError
+from extract.media import read_audio, read_faces
+from extract.spec import ExtractionSpec, load_spec
+from extract.store import CacheReader, CacheWriter, VideoRecord, provenance
+from extract.windows import clip_indices, window_starts, window_text
+
+
+@dataclass
+class ExtractOptions:
+    splits: tuple[str, ...] = SPLITS
+    device: str = "auto"
+    batch_size: int = 16          # clips per video-encoder forward (a video's windows, split if larger)
+    workers: int = 2              # DataLoader decoding processes; 0 decodes in the main process
+    force: bool = False           # wipe a cache made with another spec and start over
+    repair: bool = False          # verify the cache first and re-extract only the videos it finds bad
+    private_root: Path | None = None
+    allow_symlinks: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ExtractSummary:
+    cache: Path
+    extracted: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    clips: int = 0
+    seconds: float = 0.0
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.clips / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class DecodedVideo:
+    """Everything the encoders need for one video, decoded in a worker."""
+
+    video: Video
+    starts: list[int]
+    clips: np.ndarray | None      # (W, T, S, S, 3) uint8
+    wave: np.ndarray | None       # float32 mono
+    window_texts: list[str]
+    padded: bool
+    error: str | None = None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AHError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def window_count(spec: ExtractionSpec, split: str) -> int:
+    return spec.windows.train if split == "train" else spec.windows.eval
+
+
+def decode_video(video: Video, spec: ExtractionSpec) -> DecodedVideo:
+    """Decode the face frames of every window, the audio and the window-aligned transcript of one video."""
+    length = spec.windows.frames
+    n = video.frame_count
+    starts = window_starts(video.video_id, n, window_count(spec, video.split), length, spec.seed)
+    try:
+        needed = sorted({i for s in starts for i in clip_indices(s, length, n)})
+        frames = read_faces([video.face_frames[i] for i in needed], spec.video.size)
+        pos = {frame: k for k, frame in enumerate(needed)}
+        clips = np.stack([frames[[pos[i] for i in clip_indices(s, length, n)]] for s in starts])
+        wave = read_audio(video.mp4, spec.audio.sample_rate)
+        fps = video.fps
+        texts = [window_text(video.chunks, s / fps, (s + length) / fps) for s in starts] if spec.text.window_aligned else []
+    except AHError as exc:
+        return DecodedVideo(video, starts, None, None, [], n < length, error=str(exc))
+    except Exception as exc:  # a decoder bug on one file must not stop the others
+        return DecodedVideo(video, starts, None, None, [], n < length, error=f"{video.mp4}: {type(exc).__name__}: {exc}")
+    return DecodedVideo(video, starts, clips, wave, texts, n < length)
+
+
+class _DecodeSet(Dataset):
+    def __init__(self, videos: Sequence[Video], spec: ExtractionSpec):
+        self.videos, self.spec = list(videos), spec
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i: int) -> DecodedVideo:
+        return decode_video(self.videos[i], self.spec)
+
+
+def encode_video_record(decoded: DecodedVideo, encoders: FrozenEncoders, spec: ExtractionSpec, batch_size: int) -> VideoRecord:
+    """Run the three encoders on one decoded video and assemble its cache record."""
+    v = decoded.video
+    arrays: dict[str, np.ndarray] = {}
+    dtype = np.dtype(spec.dtype)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for lo in range(0, len(decoded.clips), batch_size):
+        for layer, t in encoders.encode_video(decoded.clips[lo:lo + batch_size]).items():
+            parts.setdefault(layer, []).append(t)
+    for layer, ts in parts.items():
+        arrays[f"video/{layer}"] = torch.cat(ts).numpy().astype(dtype)
+    for layer, t in encoders.encode_audio(decoded.wave).items():
+        arrays[f"audio/{layer}"] = t.numpy().astype(dtype)
+    for layer, t in encoders.encode_text(v.transcript).items():
+        arrays[f"text/{layer}"] = t.numpy().astype(dtype)
+    if spec.text.window_aligned:
+        per_window = [encoders.encode_text(text) for text in decoded.window_texts]
+        for layer in per_window[0]:
+            arrays[f"text_window/{layer}"] = torch.cat([w[layer] for w in per_window]).numpy().astype(dtype)
+        arrays["text_window_lengths"] = np.array([len(w[spec.layers[0]]) for w in per_window], dtype=np.int64)
+    return VideoRecord(
+        video_id=v.video_id, split=v.split, label=v.label, pid=v.pid, question=v.question,
+        fps=float(v.fps), frame_count=int(v.frame_count), duration=float(v.duration),
+        window_starts=list(decoded.starts), padded=decoded.padded, arrays=arrays,
+    )
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def _init_distributed() -> _Dist:
+    """torchrun sets WORLD_SIZE/RANK: join the group (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _barrier(d: _Dist) -> None:
+    if d.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def shard(videos: Sequence[Video], d: _Dist) -> list[Video]:
+    """Each rank owns a disjoint, deterministic share: sorted ids, round-robin."""
+    ordered = sorted(videos, key=lambda v: v.video_id)
+    return ordered[d.rank::d.world]
+
+
+def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOptions,
+            on_progress: Callable[[str, int, int], None] | None = None) -> ExtractSummary:
+    """Extract every video of the chosen splits that the cache does not already hold complete."""
+    dist = _init_distributed()
+    spec = load_spec(spec_path)
+    device = resolve_device(opts.device)
+    if device == "cuda" and dist.active:
+        device = f"cuda:{dist.local_rank}"
+    dataset = read_bah(data_root, private_root=opts.private_root, splits=opts.splits, allow_symlinks=opts.allow_symlinks)
+    encoders = load_encoders(spec, device=device)
+    spec = spec.with_weights_id(encoders.weights_id())
+    # Rank 0 creates (or wipes) the cache before the others open it.
+    writer = CacheWriter(cache_path, spec, provenance(), force=opts.force) if dist.rank == 0 else None
+    _barrier(dist)
+    if writer is None:
+        writer = CacheWriter(cache_path, spec, provenance(), force=False)
+
+    summary = ExtractSummary(cache=Path(cache_path))
+    readable = {v.video_id for v in dataset.videos}
+    fatal = sorted({p.video_id: p for p in dataset.problems if p.video_id not in readable}.items())
+    for video_id, problem in fatal[dist.rank::dist.world]:
+        writer.record_error(video_id, getattr(problem, "split", None) or "unknown", problem.problem)
+        summary.failed[video_id] = problem.problem
+
+    mine = shard(dataset.videos, dist)
+    if opts.repair:
+        bad = {p["video_id"] for p in CacheReader(cache_path).verify()}
+        for v in mine:
+            if v.video_id in bad:
+                writer.discard(v.video_id)
+    todo = [v for v in mine if not writer.is_complete(v.video_id)]
+    summary.skipped = len(mine) - len(todo)
+
+    start = time.perf_counter()
+    _run_loop(todo, spec, encoders, writer, opts, summary, on_progress)
+    summary.seconds = time.perf_counter() - start
+
+    _barrier(dist)
+    if dist.rank == 0:
+        writer.seal()
+    if dist.active:
+        summary = _gather_summary(summary, Path(cache_path))
+    return summary
+
+
+def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders, writer: CacheWriter,
+              opts: ExtractOptions, summary: ExtractSummary,
+              on_progress: Callable[[str, int, int], None] | None) -> None:
+    loader = DataLoader(
+        _DecodeSet(todo, spec), batch_size=None, shuffle=False, num_workers=opts.workers,
+        collate_fn=lambda x: x, prefetch_factor=2 if opts.workers > 0 else None,
+        persistent_workers=False,
+    )
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1) as io, _progress(opts.progress, len(todo)) as bar:
+        for done, decoded in enumerate(loader, 1):
+            vid = decoded.video.video_id
+            if decoded.error is not None:
+                writer.record_error(vid, decoded.video.split, decoded.error)
+                summary.failed[vid] = decoded.error
+            else:
+                try:
+                    record = encode_video_record(decoded, encoders, spec, opts.batch_size)
+                except AHError as exc:
+                    writer.record_error(vid, decoded.video.split, str(exc))
+                    summary.failed[vid] = str(exc)
+                else:
+                    summary.clips += len(decoded.starts)
+                    pending.append(io.submit(_write, writer, record))
+                    summary.extracted += 1
+            # Keep at most a couple of records in flight: bounded memory, writes still overlap compute.
+            while len(pending) > 2:
+                pending.pop(0).result()
+            bar.advance(summary.clips)
+            if on_progress is not None:
+                on_progress(vid, done, len(todo))
+        for f in pending:
+            f.result()
+
+
+def _write(writer: CacheWriter, record: VideoRecord) -> None:
+    writer.write(record)
+    writer.clear_error(record.video_id)
+
+
+class _progress:
+    """A rich progress bar with videos/s and clips/s, or nothing when progress is off."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+        self.start = time.perf_counter()
+
+    def __enter__(self) -> "_progress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False)
+            self.p.__enter__()
+            self.task = self.p.add_task("extract", total=self.total, rate="")
+        return self
+
+    def advance(self, clips: int) -> None:
+        if not self.enabled:
+            return
+        self.p.advance(self.task)
+        el = max(time.perf_counter() - self.start, 1e-9)
+        done = self.p.tasks[0].completed
+        self.p.update(self.task, rate=f"{done / el:.2f} videos/s  {clips / el:.1f} clips/s")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.p.__exit__(*exc)
+
+
+def _gather_summary(s: ExtractSummary, cache_path: Path) -> ExtractSummary:
+    """Sum the ranks' counts; the failures are read back from the cache's error files (all ranks wrote there)."""
+    import torch.distributed as dist
+
+    counts = torch.tensor([s.extracted, s.skipped, s.clips], dtype=torch.int64)
+    dist.all_reduce(counts)
+    failed = {e["video_id"]: e["message"] for e in CacheReader(cache_path).errors()}
+    return ExtractSummary(cache=s.cache, extracted=int(counts[0]), skipped=int(counts[1]), failed=failed,
+                          clips=int(counts[2]), seconds=s.seconds)

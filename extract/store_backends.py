@@ -1,0 +1,167 @@
+"""The two on-disk formats of one cached video ("unit"): a Zarr v3 group directory or one HDF5 file.
+
+A unit holds named arrays ('video/last', 'text_window_lengths', ...) and one JSON attribute document
+(`ATTR`). Backends only move bytes: naming, atomicity and integrity live in extract/store.py. A unit is
+always written under a temporary name by the caller and renamed into place, so `write_unit` may assume it
+owns `path` outright.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+ATTR = "ah"  # the single attribute holding the unit's JSON document
+
+
+class Backend(Protocol):
+    name: str
+    suffix: str
+
+    def write_unit(self, path: Path, attrs: dict[str, Any], arrays: dict[str, np.ndarray], compress: bool) -> None:
+        """Write all arrays and the attribute document to `path` (which does not exist yet), durably."""
+
+    def read_attrs(self, path: Path) -> dict[str, Any]:
+        """The unit's attribute document, without touching the arrays."""
+
+    def read_arrays(self, path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The named arrays as numpy (stored dtype). KeyError for a name the unit lacks."""
+
+    def read_window(self, path: Path, name: str, index: int) -> np.ndarray:
+        """Row `index` of the first axis of one array (one video window), reading only that chunk."""
+
+    def list_units(self, folder: Path) -> dict[str, Path]:
+        """key -> path of every unit in `folder` with this backend's suffix; names starting with '.' are
+        temporary or trash and never listed."""
+
+
+def _chunks(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One chunk per video window (cheap single-window reads); one chunk for everything else."""
+    if not shape:
+        return ()
+    if name.startswith("video/") and len(shape) == 3:
+        return (1, max(shape[1], 1), max(shape[2], 1))
+    return tuple(max(s, 1) for s in shape)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (so a rename that follows is durable across a power loss)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
+
+
+def _list(folder: Path, suffix: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".") or not entry.name.endswith(suffix):
+            continue
+        out[entry.name[: -len(suffix)]] = Path(entry.path)
+    return out
+
+
+class ZarrBackend:
+    name = "zarr"
+    suffix = ".zarr"
+
+    def write_unit(self, path: Path, attrs: dict[str, Any], arrays: dict[str, np.ndarray], compress: bool) -> None:
+        import zarr
+        from zarr.storage import LocalStore
+
+        group = zarr.open_group(store=LocalStore(path), mode="w", zarr_format=3, attributes={ATTR: attrs})
+        for name, arr in arrays.items():
+            parent, _, leaf = name.rpartition("/")
+            where = group.require_group(parent) if parent else group
+            # write_empty_chunks: every chunk file exists, so a deleted chunk is a visible fault, not zeros.
+            out = where.create_array(
+                leaf, shape=arr.shape, dtype=arr.dtype, chunks=_chunks(name, arr.shape),
+                compressors="auto" if compress else None, fill_value=0,
+                config={"write_empty_chunks": True},
+            )
+            if arr.size:
+                out[...] = arr
+        fsync_tree(path)
+
+    def _open(self, path: Path):
+        import zarr
+        from zarr.storage import LocalStore
+
+        if not (path / "zarr.json").is_file():
+            raise FileNotFoundError(f"{path}: no zarr.json")
+        return zarr.open_group(store=LocalStore(path, read_only=True), mode="r", zarr_format=3)
+
+    def read_attrs(self, path: Path) -> dict[str, Any]:
+        # Plain JSON read: listing a cache must not pay for zarr's machinery per video.
+        doc = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+        return doc["attributes"][ATTR]
+
+    def read_arrays(self, path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+        group = self._open(path)
+        return {n: np.asarray(group[n][...]) for n in names}
+
+    def read_window(self, path: Path, name: str, index: int) -> np.ndarray:
+        return np.asarray(self._open(path)[name][index])
+
+    def list_units(self, folder: Path) -> dict[str, Path]:
+        return _list(folder, self.suffix)
+
+
+class HDF5Backend:
+    name = "hdf5"
+    suffix = ".h5"
+
+    def write_unit(self, path: Path, attrs: dict[str, Any], arrays: dict[str, np.ndarray], compress: bool) -> None:
+        import h5py
+
+        with h5py.File(path, "w", locking=False) as f:
+            f.attrs[ATTR] = json.dumps(attrs, sort_keys=True)
+            for name, arr in arrays.items():
+                chunks = _chunks(name, arr.shape) if (name.startswith("video/") or compress) and arr.size else None
+                f.create_dataset(name, data=arr, chunks=chunks, compression="gzip" if compress and arr.size else None)
+        fsync_path(path)
+
+    def read_attrs(self, path: Path) -> dict[str, Any]:
+        import h5py
+
+        with h5py.File(path, "r", locking=False) as f:
+            return json.loads(f.attrs[ATTR])
+
+    def read_arrays(self, path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+        import h5py
+
+        with h5py.File(path, "r", locking=False) as f:
+            return {n: f[n][()] for n in names}
+
+    def read_window(self, path: Path, name: str, index: int) -> np.ndarray:
+        import h5py
+
+        with h5py.File(path, "r", locking=False) as f:
+            return f[name][index]
+
+    def list_units(self, folder: Path) -> dict[str, Path]:
+        return _list(folder, self.suffix)
+
+
+BACKENDS: dict[str, Backend] = {"zarr": ZarrBackend(), "hdf5": HDF5Backend()}
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r} (expected one of {', '.join(BACKENDS)})") from None
