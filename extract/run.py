@@ -28,6 +28,9 @@ from extract.store import CacheReader, CacheWriter, VideoRecord, provenance
 from extract.windows import clip_indices, window_starts, window_text
 
 
+WRITE_THREADS = 4
+
+
 @dataclass
 class ExtractOptions:
     splits: tuple[str, ...] = SPLITS
@@ -228,7 +231,8 @@ def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders,
         persistent_workers=False,
     )
     pending: list[Future] = []
-    with ThreadPoolExecutor(max_workers=1) as io, _progress(opts.progress, len(todo)) as bar:
+    # Writes hash, check and fsync each video (~0.1 s): a few threads keep them off the device's critical path.
+    with ThreadPoolExecutor(max_workers=WRITE_THREADS) as io, _progress(opts.progress, len(todo)) as bar:
         for done, decoded in enumerate(loader, 1):
             vid = decoded.video.video_id
             if decoded.error is not None:
@@ -244,19 +248,31 @@ def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders,
                     summary.clips += len(decoded.starts)
                     pending.append(io.submit(_write, writer, record))
                     summary.extracted += 1
-            # Keep at most a couple of records in flight: bounded memory, writes still overlap compute.
-            while len(pending) > 2:
-                pending.pop(0).result()
+            # Bounded records in flight: bounded memory, writes still overlap compute.
+            while len(pending) > 2 * WRITE_THREADS:
+                _settle(pending.pop(0), writer, summary)
             bar.advance(summary.clips)
             if on_progress is not None:
                 on_progress(vid, done, len(todo))
         for f in pending:
-            f.result()
+            _settle(f, writer, summary)
 
 
-def _write(writer: CacheWriter, record: VideoRecord) -> None:
-    writer.write(record)
+def _write(writer: CacheWriter, record: VideoRecord) -> tuple[VideoRecord, str | None]:
+    try:
+        writer.write(record)
+    except AHError as exc:  # e.g. NaN/Inf in an encoder output: this video fails, the others go on
+        return record, str(exc)
     writer.clear_error(record.video_id)
+    return record, None
+
+
+def _settle(future: Future, writer: CacheWriter, summary: ExtractSummary) -> None:
+    record, error = future.result()
+    if error is not None:
+        writer.record_error(record.video_id, record.split, error)
+        summary.failed[record.video_id] = error
+        summary.extracted -= 1
 
 
 class _progress:
