@@ -129,6 +129,9 @@ def encode_video_record(decoded: DecodedVideo, encoders: FrozenEncoders, spec: E
         arrays[f"audio/{layer}"] = t.numpy().astype(dtype)
     for layer, t in encoders.encode_text(v.transcript).items():
         arrays[f"text/{layer}"] = t.numpy().astype(dtype)
+    if "prefix" in spec.layers:
+        arrays["audio_segments"] = np.array(encoders.audio_segment_lengths(len(decoded.wave)), dtype=np.int64)
+        arrays["text_segments"] = np.array(encoders.text_segment_lengths(v.transcript), dtype=np.int64)
     if spec.text.window_aligned:
         per_window = [encoders.encode_text(text) for text in decoded.window_texts]
         for layer in per_window[0]:

@@ -47,6 +47,7 @@ ERRORS = "errors"
 META_FIELDS = ("video_id", "split", "label", "pid", "question", "fps", "frame_count", "duration",
                "window_starts", "padded")
 LENGTHS = "text_window_lengths"
+SEGMENTS = {"audio": "audio_segments", "text": "text_segments"}  # tokens per encoder segment
 _PREFIXES = ("video/", "audio/", "text/", "text_window/")
 
 
@@ -202,6 +203,8 @@ def expected_arrays(spec: dict[str, Any]) -> list[str]:
             names.append(f"text_window/{layer}")
     if spec.get("text", {}).get("window_aligned"):
         names.append(LENGTHS)
+    if "prefix" in spec.get("layers", ["last"]):
+        names += list(SEGMENTS.values())  # exact top-block attention over long audio / text
     return sorted(names)
 
 
@@ -227,6 +230,14 @@ def check_record(meta: dict[str, Any], arrays: dict[str, np.ndarray], dtype: str
                 problems.append(f"{LENGTHS}: {len(arr)} entries for {n_windows} windows")
             elif (arr < 0).any():
                 problems.append(f"{LENGTHS}: negative length")
+            continue
+        if name in SEGMENTS.values():
+            modality = next(m for m, n in SEGMENTS.items() if n == name)
+            rows = next((a.shape[0] for k, a in arrays.items() if k.startswith(modality + "/")), None)
+            if arr.ndim != 1 or arr.dtype != np.int64:
+                problems.append(f"{name}: expected (S,) int64, got {arr.shape} {arr.dtype}")
+            elif rows is not None and int(arr.sum()) != rows:
+                problems.append(f"{name}: segments sum to {int(arr.sum())} but {modality} has {rows} tokens")
             continue
         if not name.startswith(_PREFIXES) or name.count("/") != 1:
             problems.append(f"{name}: unknown array name")
