@@ -434,7 +434,7 @@ class CacheWriter:
 
     def _cast(self, name: str, arr: np.ndarray) -> np.ndarray:
         arr = np.asarray(arr)
-        if name == LENGTHS:
+        if name == LENGTHS or name in SEGMENTS.values():
             return np.ascontiguousarray(arr, dtype=np.int64)
         if arr.dtype.kind != "f":
             raise CacheError(f"{name}: expected a float array, got {arr.dtype}")
