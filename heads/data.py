@@ -1,0 +1,482 @@
+"""One split of the cache held in memory as tensors; a batch is a handful of index operations.
+
+Layout of a `SplitData` (N videos, W = the split's most windows per video):
+- video:       layer -> (N, W, Lv, Dv) tokens (fixed length per window; fp16 as cached)
+- audio, text: layer -> `Ragged`: one flat (T, D) tensor + (N+1,) offsets, no padding to the split max
+- text_window: layer -> `Ragged` over N*W rows (row n*W + w: the transcript spoken during window w)
+- n_windows:   (N,) windows actually cached per video (rows past it are zeros and are never drawn)
+- labels:      (N,) float32, NaN for an unlabelled video (the private split)
+
+A batch gathers the chosen rows (and one window per row) without any per-sample Python loop: fixed-length
+video tokens by advanced indexing, ragged tokens by `repeat_interleave` position arithmetic. Ragged
+tokens travel as values + segment ids, which the model pools with a segment softmax (heads/model.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from extract.errors import AHError
+
+MODALITIES = ("video", "audio", "text")
+LETTERS = {"v": "video", "a": "audio", "t": "text"}
+TEXT_SOURCES = ("full", "window")
+
+
+class DataError(AHError):
+    """A cache split that cannot be loaded into tensors (missing arrays, inconsistent shapes)."""
+
+
+def parse_modalities(letters: str) -> tuple[str, ...]:
+    """'vat' -> ('video', 'audio', 'text') in canonical order; any non-empty subset of v, a, t."""
+    letters = letters.strip().lower()
+    bad = sorted(set(letters) - set(LETTERS))
+    if not letters or bad or len(set(letters)) != len(letters):
+        raise DataError(f"modalities: {letters!r} must be a non-empty subset of the letters v, a, t")
+    return tuple(m for m in MODALITIES if m[0] in letters)
+
+
+def modality_letters(modalities: Sequence[str]) -> str:
+    return "".join(m[0] for m in MODALITIES if m in modalities)
+
+
+@dataclass
+class Tokens:
+    """One modality's tokens for a batch of B samples.
+
+    Dense: `values` (B, L, D) with an optional `mask` (B, L), True for a real token.
+    Ragged: `values` (T, D) with `segments` (T,) int64 naming each token's sample (0..B-1).
+    """
+
+    values: Tensor
+    batch_size: int
+    mask: Tensor | None = None
+    segments: Tensor | None = None
+
+    @property
+    def ragged(self) -> bool:
+        return self.segments is not None
+
+    def lengths(self) -> Tensor:
+        if self.ragged:
+            return torch.bincount(self.segments, minlength=self.batch_size)
+        if self.mask is None:
+            return torch.full((self.batch_size,), self.values.shape[1], dtype=torch.long, device=self.values.device)
+        return self.mask.sum(1)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Tokens":
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return Tokens(mv(self.values), self.batch_size, mv(self.mask), mv(self.segments))
+
+    def to_padded(self) -> "Tokens":
+        """Dense (B, Lmax, D) + mask form (e.g. for transformer blocks that want padded input)."""
+        if not self.ragged:
+            return self
+        lengths = self.lengths()
+        b, lmax = self.batch_size, int(lengths.max().item()) if self.batch_size else 0
+        starts = torch.cumsum(lengths, 0) - lengths
+        pos = torch.arange(self.values.shape[0], device=self.values.device) - starts[self.segments]
+        out = self.values.new_zeros(b, max(lmax, 1), self.values.shape[1])
+        out[self.segments, pos] = self.values
+        mask = torch.zeros(b, max(lmax, 1), dtype=torch.bool, device=self.values.device)
+        mask[self.segments, pos] = True
+        return Tokens(out, b, mask=mask)
+
+
+@dataclass
+class Batch:
+    tokens: dict[str, Tokens]     # modality -> tokens
+    labels: Tensor                # (B,) float32, NaN where unlabelled
+
+
+@dataclass
+class Ragged:
+    """Variable-length sequences as one flat (T, D) tensor and (n+1,) int64 offsets."""
+
+    values: Tensor
+    offsets: Tensor
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def dim(self) -> int:
+        return self.values.shape[1]
+
+    def gather(self, rows: Tensor) -> Tokens:
+        """Tokens of `rows` (B,) as a ragged batch, by index arithmetic only."""
+        rows = rows.to(self.offsets.device)
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts
+        b = rows.numel()
+        seg = torch.repeat_interleave(torch.arange(b, device=rows.device), lengths)
+        first = torch.cumsum(lengths, 0) - lengths          # where each sample begins in the batch
+        pos = torch.arange(seg.numel(), device=rows.device) - first[seg] + starts[seg]
+        return Tokens(self.values[pos], b, segments=seg)
+
+    def to(self, device: torch.device | str) -> "Ragged":
+        return Ragged(self.values.to(device), self.offsets.to(device))
+
+    def select(self, rows: Tensor) -> "Ragged":
+        """A new Ragged holding only `rows`, in that order."""
+        t = self.gather(rows)
+        lengths = torch.bincount(t.segments, minlength=t.batch_size)
+        offsets = torch.zeros(t.batch_size + 1, dtype=torch.long, device=lengths.device)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        return Ragged(t.values, offsets)
+
+    @staticmethod
+    def from_arrays(arrays: Sequence[np.ndarray | Tensor], dim: int, dtype: torch.dtype) -> "Ragged":
+        lengths = [int(a.shape[0]) for a in arrays]
+        offsets = torch.zeros(len(arrays) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
+        values = torch.empty(int(offsets[-1]), dim, dtype=dtype)
+        for a, s, n in zip(arrays, offsets[:-1].tolist(), lengths):   # loading only, never per step
+            if n:
+                values[s : s + n] = torch.as_tensor(np.asarray(a)).to(dtype)
+        return Ragged(values, offsets)
+
+
+@dataclass
+class SplitData:
+    split: str
+    video_ids: list[str]
+    labels: Tensor                                      # (N,) float32, NaN = unlabelled
+    n_windows: Tensor                                   # (N,) int64
+    video: dict[str, Tensor] = field(default_factory=dict)
+    audio: dict[str, Ragged] = field(default_factory=dict)
+    text: dict[str, Ragged] = field(default_factory=dict)
+    text_window: dict[str, Ragged] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    @property
+    def max_windows(self) -> int:
+        return int(self.n_windows.max().item()) if len(self) else 0
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if getattr(self, m))
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        found = set()
+        for m in MODALITIES:
+            found |= set(getattr(self, m))
+        return tuple(sorted(found))
+
+    def dims(self, layer: str = "last") -> dict[str, int]:
+        """Token width per modality present in this split (the model's input sizes)."""
+        out = {}
+        if layer in self.video:
+            out["video"] = int(self.video[layer].shape[-1])
+        if layer in self.audio:
+            out["audio"] = self.audio[layer].dim
+        if layer in self.text:
+            out["text"] = self.text[layer].dim
+        return out
+
+    def labelled(self) -> Tensor:
+        """Indices (on the data's device) of the videos that carry a label."""
+        return torch.nonzero(~torch.isnan(self.labels)).flatten()
+
+    def nbytes(self) -> int:
+        total = 0
+        for t in self._tensors():
+            total += t.numel() * t.element_size()
+        return total
+
+    def _tensors(self) -> list[Tensor]:
+        out = [self.labels, self.n_windows, *self.video.values()]
+        for d in (self.audio, self.text, self.text_window):
+            for r in d.values():
+                out += [r.values, r.offsets]
+        return out
+
+    def to(self, device: torch.device | str) -> "SplitData":
+        return SplitData(
+            self.split, list(self.video_ids), self.labels.to(device), self.n_windows.to(device),
+            {k: v.to(device) for k, v in self.video.items()},
+            {k: v.to(device) for k, v in self.audio.items()},
+            {k: v.to(device) for k, v in self.text.items()},
+            {k: v.to(device) for k, v in self.text_window.items()},
+        )
+
+    def subset(self, rows: Sequence[int] | Tensor) -> "SplitData":
+        """A SplitData holding only `rows` (in that order)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        w_old = self.max_windows                            # row stride of text_window here
+        w_new = int(self.n_windows[rows].max().item()) if rows.numel() else 0   # and in the subset
+        win_rows = (rows[:, None] * w_old + torch.arange(w_new, device=self.device)).flatten()
+        return SplitData(
+            self.split, [self.video_ids[i] for i in rows.tolist()], self.labels[rows], self.n_windows[rows],
+            {k: v[rows] for k, v in self.video.items()},
+            {k: v.select(rows) for k, v in self.audio.items()},
+            {k: v.select(rows) for k, v in self.text.items()},
+            {k: v.select(win_rows) for k, v in self.text_window.items()},
+        )
+
+    def batch(
+        self,
+        rows: Tensor,
+        windows: Tensor | None = None,
+        *,
+        modalities: Sequence[str] = MODALITIES,
+        layer: str = "last",
+        text_source: str = "full",
+        device: torch.device | str | None = None,
+    ) -> Batch:
+        """Gather the tokens of `rows` (B,), window `windows[i]` of row i (default window 0)."""
+        rows = rows.to(self.device)
+        windows = torch.zeros_like(rows) if windows is None else windows.to(self.device)
+        tokens: dict[str, Tokens] = {}
+        if "video" in modalities:
+            v = self._layer(self.video, "video", layer)[rows, windows]
+            tokens["video"] = Tokens(v, rows.numel())
+        if "audio" in modalities:
+            tokens["audio"] = self._layer(self.audio, "audio", layer).gather(rows)
+        if "text" in modalities:
+            if text_source == "window":
+                r = self._layer(self.text_window, "window-aligned text", layer)
+                tokens["text"] = r.gather(rows * self.max_windows + windows)
+            else:
+                tokens["text"] = self._layer(self.text, "text", layer).gather(rows)
+        labels = self.labels[rows]
+        if device is not None and torch.device(device) != self.device:
+            tokens = {k: t.to(device, non_blocking=True) for k, t in tokens.items()}
+            labels = labels.to(device, non_blocking=True)
+        return Batch(tokens, labels)
+
+    def _layer(self, table: dict, what: str, layer: str):
+        if layer not in table:
+            have = ", ".join(sorted(table)) or "none"
+            raise DataError(f"split {self.split!r}: no {what} tokens for layer {layer!r} (cached: {have})")
+        return table[layer]
+
+    # ---- synthetic data for tests and benchmarks -------------------------------------------------
+
+    @classmethod
+    def synthetic(
+        cls,
+        n: int = 64,
+        *,
+        windows: int = 4,
+        video_len: int = 8,
+        audio_len: tuple[int, int] = (4, 16),
+        text_len: tuple[int, int] = (3, 12),
+        dims: tuple[int, int, int] = (16, 16, 16),
+        signal: str = "conflict",
+        strength: float = 1.5,
+        seed: int = 0,
+        split: str = "train",
+        dtype: torch.dtype = torch.float16,
+        text_window: bool = True,
+        layers: Sequence[str] = ("last",),
+    ) -> "SplitData":
+        """Random tokens with a planted label.
+
+        signal='conflict': a sign s_v in {-1, 1} is planted along a fixed direction in every video token
+        and a sign s_t along another direction in every text token; label = 1 when they disagree. Each
+        modality alone carries no information about the label (it is an XOR), the pair carries all of it.
+        Audio is pure noise. signal='none': labels are random coin flips.
+        The planted directions depend only on `dims` (not `seed`), so splits drawn with different seeds
+        share them (train on seed 0, validate on seed 1).
+        """
+        g = torch.Generator().manual_seed(seed)
+        dg = torch.Generator().manual_seed(12345)
+        dv, da, dt = dims
+        dir_v = torch.nn.functional.normalize(torch.randn(dv, generator=dg), dim=0)
+        dir_t = torch.nn.functional.normalize(torch.randn(dt, generator=dg), dim=0)
+        s_v = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+        s_t = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+        if signal == "conflict":
+            labels = (s_v != s_t).float()
+        elif signal == "none":
+            labels = torch.randint(0, 2, (n,), generator=g).float()
+        else:
+            raise ValueError(f"unknown signal {signal!r}")
+
+        def lens(lo_hi: tuple[int, int], count: int) -> Tensor:
+            return torch.randint(lo_hi[0], lo_hi[1] + 1, (count,), generator=g)
+
+        video = {}
+        audio = {}
+        text = {}
+        text_win = {}
+        for layer in layers:
+            v = torch.randn(n, windows, video_len, dv, generator=g) + strength * s_v[:, None, None, None] * dir_v
+            video[layer] = v.to(dtype)
+            la = lens(audio_len, n)
+            audio[layer] = _ragged_random(la, da, g, dtype)
+            lt = lens(text_len, n)
+            r = _ragged_random(lt, dt, g, torch.float32)
+            seg = torch.repeat_interleave(torch.arange(n), lt)
+            text[layer] = Ragged((r.values + strength * s_t[seg, None] * dir_t).to(dtype), r.offsets)
+            if text_window:
+                lw = lens((max(text_len[0] // 2, 0), max(text_len[1] // 2, 1)), n * windows)
+                rw = _ragged_random(lw, dt, g, torch.float32)
+                segw = torch.repeat_interleave(torch.arange(n * windows), lw) // windows
+                text_win[layer] = Ragged((rw.values + strength * s_t[segw, None] * dir_t).to(dtype), rw.offsets)
+        ids = [f"Videos/{10000 + i:05d}/Visite_1/synthetic_{split}_{seed}_{i}.mp4" for i in range(n)]
+        return cls(split, ids, labels, torch.full((n,), windows, dtype=torch.long), video, audio, text, text_win)
+
+
+def _ragged_random(lengths: Tensor, dim: int, g: torch.Generator, dtype: torch.dtype) -> Ragged:
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    return Ragged(torch.randn(int(offsets[-1]), dim, generator=g).to(dtype), offsets)
+
+
+# ---- loading from the cache ------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"device {device!r}: CUDA is not available on this machine")
+    return dev
+
+
+def placement(nbytes: int, compute: torch.device, headroom: float = 0.6) -> torch.device:
+    """Where a split should live: on the compute device when it fits in `headroom` of its free memory."""
+    if compute.type != "cuda":
+        return compute
+    free, _ = torch.cuda.mem_get_info(compute)
+    return compute if nbytes <= headroom * free else torch.device("cpu")
+
+
+def load_split(
+    reader,
+    split: str,
+    layers: Sequence[str] = ("last",),
+    device: str | torch.device = "auto",
+    *,
+    modalities: Sequence[str] = MODALITIES,
+    text_window: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SplitData:
+    """Read one split of a `CacheReader` into tensors, once.
+
+    `text_window`: None loads the window-aligned transcript tokens when the cache holds them, True
+    requires them, False skips them. The tensors go to `device` ('auto': the GPU when there is one and
+    the split fits in its free memory, else the CPU; batches are then moved per step).
+    """
+    ids = reader.video_ids(split)
+    if not ids:
+        raise DataError(f"{_where(reader)}: split {split!r} has no complete videos in the cache")
+    layers = tuple(layers)
+    want_window = _want_text_window(reader, text_window) and "text" in modalities
+    keys = [f"{m}/{layer}" for m in modalities for layer in layers]
+    if want_window:
+        keys += [f"text_window/{layer}" for layer in layers] + ["text_window_lengths"]
+
+    labels = np.full(len(ids), np.nan, dtype=np.float32)
+    n_windows = np.zeros(len(ids), dtype=np.int64)
+    video: dict[str, Tensor] = {}
+    ragged: dict[str, list] = {k: [] for k in keys if not k.startswith("video/") and k != "text_window_lengths"}
+    win_lengths: list[np.ndarray] = []
+    for i, vid in enumerate(ids):
+        rec = reader.record(vid, keys)
+        missing = [k for k in keys if k not in rec.arrays]
+        if missing:
+            raise DataError(f"{_where(reader)}: video {vid!r} lacks cached array(s) {', '.join(missing)}")
+        if rec.label is not None:
+            labels[i] = float(rec.label)
+        for layer in layers:
+            if "video" in modalities:
+                _put_video(video, layer, rec.arrays[f"video/{layer}"], i, len(ids), vid, reader)
+        n_windows[i] = _count_windows(rec, layers, modalities)
+        for k in ragged:
+            arr = rec.arrays[k]
+            if arr.ndim != 2:
+                raise DataError(f"{_where(reader)}: video {vid!r}: {k} has shape {arr.shape}, expected (L, D)")
+            ragged[k].append(arr)
+        if want_window:
+            win_lengths.append(np.asarray(rec.arrays["text_window_lengths"], dtype=np.int64))
+        if progress is not None:
+            progress(i + 1, len(ids))
+
+    data = SplitData(split, ids, torch.from_numpy(labels), torch.from_numpy(n_windows), video)
+    for k, arrays in ragged.items():
+        kind, layer = k.split("/", 1)
+        dims = {int(a.shape[1]) for a in arrays}
+        if len(dims) != 1:
+            raise DataError(f"{_where(reader)}: {k} has differing widths across videos: {sorted(dims)}")
+        dtype = _torch_dtype(arrays[0].dtype)
+        if kind == "text_window":
+            arrays = _split_windows(arrays, win_lengths, data.max_windows, reader)
+        getattr(data, kind)[layer] = Ragged.from_arrays(arrays, dims.pop(), dtype)
+    target = placement(data.nbytes(), resolve_device(device))
+    return data.to(target) if target.type != "cpu" else data
+
+
+def _want_text_window(reader, requested: bool | None) -> bool:
+    spec = getattr(reader, "spec", {}) or {}
+    cached = bool((spec.get("text") or {}).get("window_aligned", False))
+    if requested and not cached:
+        raise DataError(f"{_where(reader)}: the cache holds no window-aligned transcripts "
+                        "(re-extract with text.window_aligned: true)")
+    return cached if requested is None else bool(requested)
+
+
+def _count_windows(rec, layers: Sequence[str], modalities: Sequence[str]) -> int:
+    if "video" in modalities:
+        return int(rec.arrays[f"video/{layers[0]}"].shape[0])
+    return max(len(rec.window_starts), 1)
+
+
+def _put_video(video: dict[str, Tensor], layer: str, arr: np.ndarray, i: int, n: int, vid: str, reader) -> None:
+    if arr.ndim != 3:
+        raise DataError(f"{_where(reader)}: video {vid!r}: video/{layer} has shape {arr.shape}, expected (W, L, D)")
+    if layer not in video:
+        # Preallocated once; later videos with more windows than the first are refused below.
+        video[layer] = torch.zeros((n, *arr.shape), dtype=_torch_dtype(arr.dtype))
+    have = video[layer]
+    if tuple(arr.shape[1:]) != tuple(have.shape[2:]) or arr.shape[0] > have.shape[1]:
+        if tuple(arr.shape[1:]) == tuple(have.shape[2:]):
+            grown = torch.zeros((n, arr.shape[0], *have.shape[2:]), dtype=have.dtype)
+            grown[:, : have.shape[1]] = have
+            video[layer] = have = grown
+        else:
+            raise DataError(f"{_where(reader)}: video {vid!r}: video/{layer} tokens have shape "
+                            f"{tuple(arr.shape[1:])}, other videos {tuple(have.shape[2:])}")
+    have[i, : arr.shape[0]] = torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _split_windows(flat: list[np.ndarray], lengths: list[np.ndarray], w: int, reader) -> list[np.ndarray]:
+    """Per-video flat window text -> one array per (video, window) row, W rows per video (empty pads)."""
+    out: list[np.ndarray] = []
+    for arr, lens in zip(flat, lengths):
+        if int(lens.sum()) != arr.shape[0]:
+            raise DataError(f"{_where(reader)}: text_window_lengths sum {int(lens.sum())} != "
+                            f"{arr.shape[0]} window-aligned text tokens")
+        parts = np.split(arr, np.cumsum(lens)[:-1]) if len(lens) else []
+        parts += [arr[:0]] * (w - len(parts))
+        out += parts[:w]
+    return out
+
+
+def _torch_dtype(np_dtype) -> torch.dtype:
+    return {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}.get(
+        np.dtype(np_dtype), torch.float32)
+
+
+def _where(reader) -> str:
+    return str(getattr(reader, "path", "cache"))
