@@ -1,6 +1,35 @@
-"""Command group (to be filled in)."""
+"""`ahcli bench`: the performance goals, measured on this machine, written to BENCHMARKS.md."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="Short run (a couple of minutes on 2 CPU cores): fewer repeats, "
+                               "head epochs timed on a subset and scaled to BAH size."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
+    device: str = typer.Option("auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'."),
+    workers: int = typer.Option(2, help="Decoding workers for the end-to-end extraction benchmark."),
+    results_dir: Path = typer.Option(Path("bench-results"), help="Folder of per-machine JSON results."),
+    markdown: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown report rendered from every result in --results-dir."),
+) -> None:
+    """Decode, encoder, cache, extraction and head-training throughput at BAH scale, against the goals."""
+    from ahbench.run import render_markdown, run_bench, save
+    from extract.run import resolve_device
+
+    results = run_bench(resolve_device(device), quick, workers, log=lambda s: console.print(f"[bold]bench:[/] {s}"))
+    path = save(results, results_dir)
+    markdown.write_text(render_markdown(results_dir), encoding="utf-8")
+    console.print(f"results: {path}; report: {markdown}")
+    if as_json:
+        print(json.dumps(results, indent=2, sort_keys=True))
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("bench")(bench)
