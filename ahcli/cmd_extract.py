@@ -57,8 +57,10 @@ def extract_cmd(
         return
     console.print(f"extracted {summary.extracted} videos ({summary.clips} clips, {summary.clips_per_s:.1f} clips/s), "
                   f"skipped {summary.skipped} already complete, failed {len(summary.failed)}")
+    for video_id, message in summary.notes:  # odd inputs that were still extracted (no audio track, ...)
+        console.print(f"  [yellow]note[/] {video_id}: {message}", highlight=False, soft_wrap=True)
     for video_id, message in sorted(summary.failed.items()):
-        console.print(f"  [red]failed[/] {video_id}: {message}", highlight=False)
+        console.print(f"  [red]failed[/] {video_id}: {message}", highlight=False, soft_wrap=True)
     if summary.failed:
         raise typer.Exit(1)
 
@@ -92,7 +94,7 @@ def cache_verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> Non
 
     problems = CacheReader(cache).verify()
     for p in problems:
-        console.print(f"[red]bad[/] {p['video_id']}: {p['problem']}", highlight=False)
+        console.print(f"[red]bad[/] {p['video_id']}: {p['problem']}", highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(1)
     console.print("cache OK")

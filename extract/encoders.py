@@ -278,15 +278,38 @@ def _special_template(tokenizer) -> tuple[list[int], list[int]]:
     raise EncoderError("the text tokenizer's special-token template could not be determined")
 
 
+TEXT_BATCH = 32  # segments per text-encoder forward: many short window transcripts go through in one call
+
+
+def texts_forward(model, tokenizer, spec: ExtractionSpec, texts: Sequence[str], layers: Sequence[str], device) -> list[dict]:
+    """Several transcripts -> one {layer: (Lt, Dt)} each. Every transcript is cut into consecutive segments of
+    at most max_tokens; all segments run as right-padded batches (RoBERTa's positions skip padding and the
+    mask hides it, so each equals its own unpadded run) and each transcript's sequences are concatenated."""
+    segments = [text_segments(tokenizer, spec, text) for text in texts]
+    flat = [ids for segs in segments for ids in segs]
+    rows: dict[str, list[torch.Tensor]] = {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for lo in range(0, len(flat), TEXT_BATCH):
+        group = flat[lo : lo + TEXT_BATCH]
+        width = max(len(ids) for ids in group)
+        input_ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, ids in enumerate(group):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[i, : len(ids)] = 1
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+        for key, value in _select(model, inputs, layers, spec.unfreeze_top).items():
+            rows.setdefault(key, []).extend(value[i, : len(ids)] for i, ids in enumerate(group))
+    out, k = [], 0
+    for segs in segments:
+        out.append({key: torch.cat(r[k : k + len(segs)], dim=0) for key, r in rows.items()})
+        k += len(segs)
+    return out
+
+
 def text_forward(model, tokenizer, spec: ExtractionSpec, text: str, layers: Sequence[str], device) -> dict:
     """A transcript -> {layer: (Lt, Dt)}: consecutive segments of at most max_tokens, sequences concatenated."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    for ids in text_segments(tokenizer, spec, text):
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        for key, value in _select(model, inputs, layers, spec.unfreeze_top).items():
-            parts.setdefault(key, []).append(value[0])
-    return {key: torch.cat(chunks, dim=0) for key, chunks in parts.items()}
+    return texts_forward(model, tokenizer, spec, [text], layers, device)[0]
 
 
 # ---------------------------------------------------------------------------------------- FrozenEncoders
@@ -315,9 +338,10 @@ class FrozenEncoders:
             return torch.autocast(device_type="cuda", dtype=_AUTOCAST_DTYPE)
         return nullcontext()
 
-    @staticmethod
-    def _to_cpu(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {key: value.float().cpu() for key, value in out.items()}
+    def _to_cpu(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # On CUDA, cast to the cache's dtype before the copy (half the bytes when it stores float16).
+        dtype = getattr(torch, self.spec.dtype) if self.device.type == "cuda" else torch.float32
+        return {key: value.to(dtype).cpu() for key, value in out.items()}
 
     def encode_video(self, clips: np.ndarray) -> dict[str, torch.Tensor]:
         """(B, T, H, W, 3) uint8 -> {layer: (B, Lv, Dv)}."""
@@ -336,6 +360,12 @@ class FrozenEncoders:
         with torch.inference_mode(), self._autocast():
             out = text_forward(self.models["text"], self.tokenizer, self.spec, text, self.layers, self.device)
         return self._to_cpu(out)
+
+    def encode_texts(self, texts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        """Several transcripts (e.g. one video's window-aligned ones) batched -> one {layer: (Lt, Dt)} each."""
+        with torch.inference_mode(), self._autocast():
+            outs = texts_forward(self.models["text"], self.tokenizer, self.spec, texts, self.layers, self.device)
+        return [self._to_cpu(o) for o in outs]
 
     def audio_segment_lengths(self, n_samples: int) -> list[int]:
         """Tokens per audio segment of a wave of n_samples (sum = La of encode_audio)."""
@@ -567,15 +597,16 @@ def _set_yaml_values(text: str, updates: dict[tuple[str | None, str], str]) -> s
 def _tiny_spec_text() -> str:
     updates = {
         (None, "layers"): "[last, prefix]",
-        ("video", "model"): "video", ("video", "revision"): "null", ("video", "size"): str(_TINY_IMAGE),
-        ("audio", "model"): "audio", ("audio", "revision"): "null",
-        ("text", "model"): "text", ("text", "revision"): "null",
+        # './video', not 'video': explicitly local, so a deleted folder is named, never looked up on the hub.
+        ("video", "model"): "./video", ("video", "revision"): "null", ("video", "size"): str(_TINY_IMAGE),
+        ("audio", "model"): "./audio", ("audio", "revision"): "null",
+        ("text", "model"): "./text", ("text", "revision"): "null",
     }
     expected = ExtractionSpec().to_dict()
     expected.pop("weights_id")
     expected["layers"] = ["last", "prefix"]
     for modality in MODALITIES:
-        expected[modality].update(model=modality, revision=None)
+        expected[modality].update(model=f"./{modality}", revision=None)
     expected["video"]["size"] = _TINY_IMAGE
     template = _template_spec_text()
     if template is not None:
@@ -583,7 +614,7 @@ def _tiny_spec_text() -> str:
         loaded = yaml.safe_load(text)
         got = {k: loaded.get(k) for k in ("layers", "video", "audio", "text")}
         if all(got[k] == expected[k] for k in ("layers",)) and all(
-            loaded[m]["model"] == m for m in MODALITIES
+            loaded[m]["model"] == f"./{m}" for m in MODALITIES
         ) and loaded["video"]["size"] == _TINY_IMAGE:
             return "# Tiny random encoders for tests and demos (written by `write_tiny_encoders`).\n" + text
     return yaml.safe_dump(expected, sort_keys=False)

@@ -9,9 +9,12 @@ processes with torchrun, writes the same bytes as a single uninterrupted run.
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from extract.bah import SPLITS, Video, read_bah
 from extract.encoders import FrozenEncoders, load_encoders
 from extract.errors import AHError
+from extract.faults import fault_point
 from extract.media import read_audio, read_faces
 from extract.spec import ExtractionSpec, load_spec
 from extract.store import CacheReader, CacheWriter, VideoRecord, provenance
@@ -50,6 +54,7 @@ class ExtractSummary:
     extracted: int = 0
     skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (video_id, problem): odd but extracted
     clips: int = 0
     seconds: float = 0.0
 
@@ -133,7 +138,7 @@ def encode_video_record(decoded: DecodedVideo, encoders: FrozenEncoders, spec: E
         arrays["audio_segments"] = np.array(encoders.audio_segment_lengths(len(decoded.wave)), dtype=np.int64)
         arrays["text_segments"] = np.array(encoders.text_segment_lengths(v.transcript), dtype=np.int64)
     if spec.text.window_aligned:
-        per_window = [encoders.encode_text(text) for text in decoded.window_texts]
+        per_window = encoders.encode_texts(decoded.window_texts)
         for layer in per_window[0]:
             arrays[f"text_window/{layer}"] = torch.cat([w[layer] for w in per_window]).numpy().astype(dtype)
         arrays["text_window_lengths"] = np.array([len(w[spec.layers[0]]) for w in per_window], dtype=np.int64)
@@ -191,11 +196,13 @@ def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOpt
     dataset = read_bah(data_root, private_root=opts.private_root, splits=opts.splits, allow_symlinks=opts.allow_symlinks)
     encoders = load_encoders(spec, device=device)
     spec = spec.with_weights_id(encoders.weights_id())
+    # CPU results depend on the intra-op thread count (HuBERT's convolutions): recorded with the versions.
+    prov = {**provenance(), "torch_threads": torch.get_num_threads()}
     # Rank 0 creates (or wipes) the cache before the others open it.
-    writer = CacheWriter(cache_path, spec, provenance(), force=opts.force) if dist.rank == 0 else None
+    writer = CacheWriter(cache_path, spec, prov, force=opts.force) if dist.rank == 0 else None
     _barrier(dist)
     if writer is None:
-        writer = CacheWriter(cache_path, spec, provenance(), force=False)
+        writer = CacheWriter(cache_path, spec, prov, force=False)
 
     summary = ExtractSummary(cache=Path(cache_path))
     readable = {v.video_id for v in dataset.videos}
@@ -203,6 +210,7 @@ def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOpt
     for video_id, problem in fatal[dist.rank::dist.world]:
         writer.record_error(video_id, getattr(problem, "split", None) or "unknown", problem.problem)
         summary.failed[video_id] = problem.problem
+    summary.notes = sorted((p.video_id, p.problem) for p in dataset.problems if p.video_id in readable)
 
     mine = shard(dataset.videos, dist)
     if opts.repair:
@@ -212,6 +220,10 @@ def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOpt
                 writer.discard(v.video_id)
     todo = [v for v in mine if not writer.is_complete(v.video_id)]
     summary.skipped = len(mine) - len(todo)
+    pending_ids = {v.video_id for v in todo}
+    for v in mine:
+        if v.video_id not in pending_ids:  # complete and sound: an error file left by a killed run is stale
+            writer.clear_error(v.video_id)
 
     start = time.perf_counter()
     _run_loop(todo, spec, encoders, writer, opts, summary, on_progress)
@@ -231,7 +243,7 @@ def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders,
     loader = DataLoader(
         _DecodeSet(todo, spec), batch_size=None, shuffle=False, num_workers=opts.workers,
         collate_fn=lambda x: x, prefetch_factor=2 if opts.workers > 0 else None,
-        persistent_workers=False,
+        persistent_workers=False, worker_init_fn=partial(_die_with_parent, os.getpid()),
     )
     pending: list[Future] = []
     # Writes hash, check and fsync each video (~0.1 s): a few threads keep them off the device's critical path.
@@ -248,6 +260,7 @@ def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders,
                     writer.record_error(vid, decoded.video.split, str(exc))
                     summary.failed[vid] = str(exc)
                 else:
+                    fault_point("video_encoded")
                     summary.clips += len(decoded.starts)
                     pending.append(io.submit(_write, writer, record))
                     summary.extracted += 1
@@ -259,6 +272,17 @@ def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders,
                 on_progress(vid, done, len(todo))
         for f in pending:
             _settle(f, writer, summary)
+
+
+def _die_with_parent(parent: int, _worker_id: int) -> None:
+    """A decoding worker of a killed extraction (kill -9) would linger forever, blocked writing decoded frames
+    into a pipe nobody reads: have the kernel SIGKILL it when its parent dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _write(writer: CacheWriter, record: VideoRecord) -> tuple[VideoRecord, str | None]:
@@ -316,4 +340,4 @@ def _gather_summary(s: ExtractSummary, cache_path: Path) -> ExtractSummary:
     dist.all_reduce(counts)
     failed = {e["video_id"]: e["message"] for e in CacheReader(cache_path).errors()}
     return ExtractSummary(cache=s.cache, extracted=int(counts[0]), skipped=int(counts[1]), failed=failed,
-                          clips=int(counts[2]), seconds=s.seconds)
+                          notes=s.notes, clips=int(counts[2]), seconds=s.seconds)

@@ -36,6 +36,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from extract.errors import AHError
+from extract.faults import fault_point
 from extract.spec import ExtractionSpec, diff_fields
 from extract.store_backends import Backend, fsync_path, get_backend
 
@@ -146,6 +147,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+    fault_point("json_replace")
     os.replace(tmp, path)
     fsync_path(path.parent)
 
@@ -376,6 +378,7 @@ class CacheWriter:
             json.dump(self._manifest(), f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("create_manifest")
         try:
             os.link(tmp, self.path / MANIFEST)
         except FileExistsError:
@@ -428,6 +431,7 @@ class CacheWriter:
         except BaseException:
             _remove(tmp)
             raise
+        fault_point("unit_written")
         self._unseal()
         self._publish(tmp, final)
         self.clear_error(record.video_id)
@@ -447,6 +451,7 @@ class CacheWriter:
             trash = final.parent / _tmp_name("trash", final.name)
             os.rename(final, trash)
         os.rename(tmp, final)  # the complete mark
+        fault_point("unit_renamed")
         fsync_path(final.parent)
         if trash is not None:
             _remove(trash)
@@ -498,6 +503,7 @@ class CacheWriter:
                   for v, a in sorted(reader._metas().items())]
         errors = sorted(reader.errors(), key=lambda e: e["video_id"])
         atomic_write_json(self.path / INDEX, {"fingerprint": self.fingerprint, "videos": videos, "errors": errors})
+        fault_point("seal_index")
         manifest = _load_manifest(self.path)
         manifest["sealed"] = True
         manifest["sealed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -14,6 +14,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from extract.faults import fault_point
+
 ATTR = "ah"  # the single attribute holding the unit's JSON document
 
 
@@ -95,6 +97,7 @@ class ZarrBackend:
             )
             if arr.size:
                 out[...] = arr
+            fault_point("unit_array")
         fsync_tree(path)
 
     def _open(self, path: Path):
@@ -133,6 +136,7 @@ class HDF5Backend:
             for name, arr in arrays.items():
                 chunks = _chunks(name, arr.shape) if (name.startswith("video/") or compress) and arr.size else None
                 f.create_dataset(name, data=arr, chunks=chunks, compression="gzip" if compress and arr.size else None)
+                fault_point("unit_array")
         fsync_path(path)
 
     def read_attrs(self, path: Path) -> dict[str, Any]:

@@ -6,6 +6,8 @@ A finished run folder holds:
   metrics.json        best epoch, threshold, alpha, windows, validation metrics (written last: the run is
                       complete when it exists)
   history.csv         one row per epoch
+  encoder_top.safetensors   (runs with fine-tuned top encoder blocks only: checkpoint A, heads/topblocks.py)
+                      the blocks' weights; config.json then has an "encoders" section describing them
 While training, the folder also holds `state.safetensors` (latest model + optimizer, with the scheduler,
 early-stopping counters and history as JSON in the file's metadata) and `best-eNNN.safetensors` (the best
 weights so far). Every file is written to a temporary name and renamed into place, so a run killed at
@@ -33,7 +35,7 @@ from heads.model import ConfigError, ConflictAwareModel, ModelConfig
 
 FORMAT = "conflict-aware-ah/heads-run"
 VERSION = 1
-CONFIG_KEYS = {"format", "version", "model", "train", "cache", "provenance", "extra"}
+CONFIG_KEYS = {"format", "version", "model", "train", "cache", "provenance", "extra", "encoders"}
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -143,9 +145,13 @@ def cache_record(reader=None, path: str | Path | None = None) -> dict[str, Any]:
     return {"fingerprint": getattr(reader, "fingerprint", None), "path": str(where.resolve())}
 
 
-def make_config(model_cfg: ModelConfig, train_cfg, cache: dict[str, Any], extra: dict | None = None) -> dict:
-    return {"format": FORMAT, "version": VERSION, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
-            "cache": cache, "provenance": provenance(), "extra": extra or {}}
+def make_config(model_cfg: ModelConfig, train_cfg, cache: dict[str, Any], extra: dict | None = None,
+                encoders: dict | None = None) -> dict:
+    cfg = {"format": FORMAT, "version": VERSION, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+           "cache": cache, "provenance": provenance(), "extra": extra or {}}
+    if encoders is not None:
+        cfg["encoders"] = encoders
+    return cfg
 
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -195,7 +201,7 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where
 @dataclass
 class Run:
     path: Path
-    model: ConflictAwareModel
+    model: torch.nn.Module                # ConflictAwareModel, or heads.topblocks.TopBlocksHeads (checkpoint A)
     model_config: ModelConfig
     train_config: Any                     # heads.train.TrainConfig
     threshold: float
@@ -203,10 +209,33 @@ class Run:
     metrics: dict[str, Any]
     cache: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
+    # For a run with fine-tuned top blocks: a heads.finetune.RawMedia that runs its encoders on the raw
+    # media (`load_run(..., data_root=ROOT)`), used when a cache has no 'prefix' states.
+    media: Any = None
+    # Whether the cache given to load_run holds the prefix states the top blocks read (None: not checked).
+    prefix_cached: bool | None = None
 
     @property
     def fingerprint(self) -> str | None:
         return self.cache.get("fingerprint")
+
+    @property
+    def head_model(self) -> ConflictAwareModel:
+        """The attention pooling + fusion + heads (the whole model of a frozen-encoder run)."""
+        from heads.topblocks import head_model_of
+
+        return head_model_of(self.model)
+
+    @property
+    def tops(self) -> torch.nn.ModuleDict | None:
+        """The fine-tuned top encoder blocks per modality, or None (all encoder layers frozen)."""
+        from heads.topblocks import tops_of
+
+        return tops_of(self.model)
+
+    @property
+    def unfreeze_top(self) -> int:
+        return int(getattr(self.train_config, "unfreeze_top", 0) or 0)
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -234,9 +263,15 @@ def check_fingerprint(run_dir: Path, run_fp: str | None, cache_fp: str | None) -
 
 
 def load_run(run_dir: str | Path, cache=None, device: str | torch.device = "cpu",
-             expect_fingerprint: str | None = None) -> Run:
+             expect_fingerprint: str | None = None, data_root: str | Path | None = None,
+             private_root: str | Path | None = None, workers: int = 0) -> Run:
     """Load a finished run folder (eval mode). With `cache` (a CacheReader) or `expect_fingerprint`,
-    a run trained on another cache is refused."""
+    a run trained on another cache is refused.
+
+    A run with fine-tuned top encoder blocks reads the cache's 'prefix' states (`heads.infer.layers_needed`);
+    when the cache has none, `data_root` (the BAH tree) lets `predict_split` run its encoders on the raw
+    media at the cache's window starts instead (`private_root`: the private split's tree, `workers`:
+    decoding processes). With neither, loading a split for it fails with one line saying what to do."""
     from heads.train import TrainConfig  # late import: train.py writes these folders
 
     run_dir = Path(run_dir)
@@ -263,6 +298,35 @@ def load_run(run_dir: str | Path, cache=None, device: str | torch.device = "cpu"
     tensors, _ = load_tensors(weights_path)
     model = ConflictAwareModel(model_cfg)
     load_weights(model, tensors, str(weights_path))
-    model.to(device).eval()
-    return Run(run_dir, model, model_cfg, train_cfg, float(metrics["threshold"]),
-               float(metrics.get("alpha", train_cfg.alpha)), metrics, cache_info, cfg)
+    run = Run(run_dir, model, model_cfg, train_cfg, float(metrics["threshold"]),
+              float(metrics.get("alpha", train_cfg.alpha)), metrics, cache_info, cfg)
+    if getattr(train_cfg, "unfreeze_top", 0):
+        _attach_tops(run, cache, data_root, private_root, workers, device)
+    run.model.to(device).eval()
+    return run
+
+
+def _attach_tops(run: Run, cache, data_root, private_root, workers: int, device) -> None:
+    """Rebuild the fine-tuned top blocks (from the HF configs in config.json + encoder_top.safetensors)."""
+    from heads import topblocks
+
+    where = str(run.path / CONFIG_FILE)
+    enc = run.config.get("encoders")
+    if not isinstance(enc, dict) or not {"unfreeze_top", "hf_configs", "spec"} <= set(enc):
+        raise RunError(f"{where}: unfreeze_top is set but the 'encoders' section (hf_configs, spec) is missing")
+    n = int(enc["unfreeze_top"])
+    if n != run.unfreeze_top or set(enc["hf_configs"]) != set(run.model_config.present):
+        raise RunError(f"{where}: the 'encoders' section does not match the train/model options")
+    try:
+        tops = topblocks.tops_from_configs(enc["hf_configs"], n, where)
+    except AHError as exc:
+        raise RunError(str(exc)) from exc
+    topblocks.load_tops(run.path / enc.get("weights", topblocks.TOPS_FILE), tops)
+    run.model = topblocks.TopBlocksHeads(tops, run.model)
+    if cache is not None:
+        run.prefix_cached = topblocks.cache_prefix_problem(getattr(cache, "spec", None), n) is None
+    if data_root is not None:
+        from heads.finetune import RawMedia
+
+        run.media = RawMedia(Path(data_root), enc["spec"], n, device=device,
+                             private_root=None if private_root is None else Path(private_root), workers=workers)

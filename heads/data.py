@@ -25,6 +25,7 @@ from extract.errors import AHError
 MODALITIES = ("video", "audio", "text")
 LETTERS = {"v": "video", "a": "audio", "t": "text"}
 TEXT_SOURCES = ("full", "window")
+SEGMENT_KEYS = {"audio": "audio_segments", "text": "text_segments"}   # cached tokens per encoder segment
 
 
 class DataError(AHError):
@@ -50,12 +51,15 @@ class Tokens:
 
     Dense: `values` (B, L, D) with an optional `mask` (B, L), True for a real token.
     Ragged: `values` (T, D) with `segments` (T,) int64 naming each token's sample (0..B-1).
+    `parts` (same leading shape as values' tokens, int64, optional): the encoder segment of each token within
+    its sample (long audio / text were encoded in pieces); only the fine-tuned top blocks read it.
     """
 
     values: Tensor
     batch_size: int
     mask: Tensor | None = None
     segments: Tensor | None = None
+    parts: Tensor | None = None
 
     @property
     def ragged(self) -> bool:
@@ -72,10 +76,11 @@ class Tokens:
         def mv(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        return Tokens(mv(self.values), self.batch_size, mv(self.mask), mv(self.segments))
+        return Tokens(mv(self.values), self.batch_size, mv(self.mask), mv(self.segments), mv(self.parts))
 
     def to_padded(self) -> "Tokens":
-        """Dense (B, Lmax, D) + mask form (e.g. for transformer blocks that want padded input)."""
+        """Dense (B, Lmax, D) + mask form (e.g. for transformer blocks that want padded input); `parts`
+        are padded with 0. Tokens must be grouped by sample in order (as `Ragged.gather` makes them)."""
         if not self.ragged:
             return self
         lengths = self.lengths()
@@ -86,7 +91,11 @@ class Tokens:
         out[self.segments, pos] = self.values
         mask = torch.zeros(b, max(lmax, 1), dtype=torch.bool, device=self.values.device)
         mask[self.segments, pos] = True
-        return Tokens(out, b, mask=mask)
+        parts = None
+        if self.parts is not None:
+            parts = torch.zeros(b, max(lmax, 1), dtype=torch.long, device=self.values.device)
+            parts[self.segments, pos] = self.parts
+        return Tokens(out, b, mask=mask, parts=parts)
 
 
 @dataclass
@@ -97,10 +106,12 @@ class Batch:
 
 @dataclass
 class Ragged:
-    """Variable-length sequences as one flat (T, D) tensor and (n+1,) int64 offsets."""
+    """Variable-length sequences as one flat (T, D) tensor and (n+1,) int64 offsets; optional (T,) int64
+    `parts`: the encoder segment of each token within its sequence (see Tokens)."""
 
     values: Tensor
     offsets: Tensor
+    parts: Tensor | None = None
 
     def __len__(self) -> int:
         return self.offsets.numel() - 1
@@ -122,10 +133,12 @@ class Ragged:
         seg = torch.repeat_interleave(torch.arange(b, device=rows.device), lengths)
         first = torch.cumsum(lengths, 0) - lengths          # where each sample begins in the batch
         pos = torch.arange(seg.numel(), device=rows.device) - first[seg] + starts[seg]
-        return Tokens(self.values[pos], b, segments=seg)
+        parts = None if self.parts is None else self.parts[pos]
+        return Tokens(self.values[pos], b, segments=seg, parts=parts)
 
     def to(self, device: torch.device | str) -> "Ragged":
-        return Ragged(self.values.to(device), self.offsets.to(device))
+        return Ragged(self.values.to(device), self.offsets.to(device),
+                      None if self.parts is None else self.parts.to(device))
 
     def select(self, rows: Tensor) -> "Ragged":
         """A new Ragged holding only `rows`, in that order."""
@@ -133,7 +146,7 @@ class Ragged:
         lengths = torch.bincount(t.segments, minlength=t.batch_size)
         offsets = torch.zeros(t.batch_size + 1, dtype=torch.long, device=lengths.device)
         offsets[1:] = torch.cumsum(lengths, 0)
-        return Ragged(t.values, offsets)
+        return Ragged(t.values, offsets, t.parts)
 
     @staticmethod
     def from_arrays(arrays: Sequence[np.ndarray | Tensor], dim: int, dtype: torch.dtype) -> "Ragged":
@@ -157,6 +170,7 @@ class SplitData:
     audio: dict[str, Ragged] = field(default_factory=dict)
     text: dict[str, Ragged] = field(default_factory=dict)
     text_window: dict[str, Ragged] = field(default_factory=dict)
+    starts: Tensor | None = None                        # (N, W) int64 window start frames, -1 = none
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -205,7 +219,7 @@ class SplitData:
         out = [self.labels, self.n_windows, *self.video.values()]
         for d in (self.audio, self.text, self.text_window):
             for r in d.values():
-                out += [r.values, r.offsets]
+                out += [r.values, r.offsets] + ([] if r.parts is None else [r.parts])
         return out
 
     def to(self, device: torch.device | str) -> "SplitData":
@@ -215,6 +229,7 @@ class SplitData:
             {k: v.to(device) for k, v in self.audio.items()},
             {k: v.to(device) for k, v in self.text.items()},
             {k: v.to(device) for k, v in self.text_window.items()},
+            None if self.starts is None else self.starts.to(device),
         )
 
     def subset(self, rows: Sequence[int] | Tensor) -> "SplitData":
@@ -229,6 +244,7 @@ class SplitData:
             {k: v.select(rows) for k, v in self.audio.items()},
             {k: v.select(rows) for k, v in self.text.items()},
             {k: v.select(win_rows) for k, v in self.text_window.items()},
+            None if self.starts is None else self.starts[rows][:, :max(w_new, 1)],
         )
 
     def batch(
@@ -377,6 +393,9 @@ def load_split(
     `text_window`: None loads the window-aligned transcript tokens when the cache holds them, True
     requires them, False skips them. The tensors go to `device` ('auto': the GPU when there is one and
     the split fits in its free memory, else the CPU; batches are then moved per step).
+    With 'prefix' in `layers`, audio and text also get their encoder-segment `parts` (the cache's
+    audio_segments / text_segments). `layers=()` loads only the metadata (labels, window counts and starts),
+    e.g. to run encoders on the raw media at the cache's windows.
     """
     ids = reader.video_ids(split)
     if not ids:
@@ -384,14 +403,18 @@ def load_split(
     layers = tuple(layers)
     want_window = _want_text_window(reader, text_window) and "text" in modalities
     keys = [f"{m}/{layer}" for m in modalities for layer in layers]
-    if want_window:
+    if want_window and layers:
         keys += [f"text_window/{layer}" for layer in layers] + ["text_window_lengths"]
+    seg_keys = {m: SEGMENT_KEYS[m] for m in ("audio", "text") if m in modalities and "prefix" in layers}
+    keys += list(seg_keys.values())
 
     labels = np.full(len(ids), np.nan, dtype=np.float32)
     n_windows = np.zeros(len(ids), dtype=np.int64)
     video: dict[str, Tensor] = {}
-    ragged: dict[str, list] = {k: [] for k in keys if not k.startswith("video/") and k != "text_window_lengths"}
+    ragged: dict[str, list] = {k: [] for k in keys if "/" in k and not k.startswith("video/")}
     win_lengths: list[np.ndarray] = []
+    seg_lengths: dict[str, list[np.ndarray]] = {m: [] for m in seg_keys}
+    starts: list[list[int]] = []
     for i, vid in enumerate(ids):
         rec = reader.record(vid, keys)
         missing = [k for k in keys if k not in rec.arrays]
@@ -408,12 +431,16 @@ def load_split(
             if arr.ndim != 2:
                 raise DataError(f"{_where(reader)}: video {vid!r}: {k} has shape {arr.shape}, expected (L, D)")
             ragged[k].append(arr)
-        if want_window:
+        if want_window and layers:
             win_lengths.append(np.asarray(rec.arrays["text_window_lengths"], dtype=np.int64))
+        for m, key in seg_keys.items():
+            seg_lengths[m].append(_segment_lengths(rec, m, key, vid, reader))
+        starts.append(list(rec.window_starts))
         if progress is not None:
             progress(i + 1, len(ids))
 
-    data = SplitData(split, ids, torch.from_numpy(labels), torch.from_numpy(n_windows), video)
+    data = SplitData(split, ids, torch.from_numpy(labels), torch.from_numpy(n_windows), video,
+                     starts=_starts_tensor(starts))
     for k, arrays in ragged.items():
         kind, layer = k.split("/", 1)
         dims = {int(a.shape[1]) for a in arrays}
@@ -423,6 +450,8 @@ def load_split(
         if kind == "text_window":
             arrays = _split_windows(arrays, win_lengths, data.max_windows, reader)
         getattr(data, kind)[layer] = Ragged.from_arrays(arrays, dims.pop(), dtype)
+        if kind in seg_lengths:
+            getattr(data, kind)[layer].parts = _parts(seg_lengths[kind])
     target = placement(data.nbytes(), resolve_device(device))
     return data.to(target) if target.type != "cpu" else data
 
@@ -437,9 +466,33 @@ def _want_text_window(reader, requested: bool | None) -> bool:
 
 
 def _count_windows(rec, layers: Sequence[str], modalities: Sequence[str]) -> int:
-    if "video" in modalities:
+    if "video" in modalities and layers:
         return int(rec.arrays[f"video/{layers[0]}"].shape[0])
     return max(len(rec.window_starts), 1)
+
+
+def _segment_lengths(rec, modality: str, key: str, vid: str, reader) -> np.ndarray:
+    """Tokens per encoder segment of one video, checked against its cached token count."""
+    lengths = np.asarray(rec.arrays[key], dtype=np.int64).reshape(-1)
+    tokens = rec.arrays.get(f"{modality}/prefix")
+    if tokens is not None and int(lengths.sum()) != tokens.shape[0]:
+        raise DataError(f"{_where(reader)}: video {vid!r}: {key} sum to {int(lengths.sum())} but "
+                        f"{modality}/prefix has {tokens.shape[0]} tokens")
+    return lengths
+
+
+def _parts(lengths: list[np.ndarray]) -> Tensor:
+    """Flat (T,) encoder-segment id of every token, restarting at 0 for each video."""
+    flat = [np.repeat(np.arange(len(x), dtype=np.int64), x) for x in lengths]
+    return torch.from_numpy(np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64))
+
+
+def _starts_tensor(starts: list[list[int]]) -> Tensor:
+    w = max((len(s) for s in starts), default=0)
+    out = torch.full((len(starts), max(w, 1)), -1, dtype=torch.long)
+    for i, s in enumerate(starts):   # loading only
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
 
 
 def _put_video(video: dict[str, Tensor], layer: str, arr: np.ndarray, i: int, n: int, vid: str, reader) -> None:

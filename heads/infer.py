@@ -4,6 +4,11 @@ A video's probability is the mean over its first N cached windows of
     p_w = alpha sigmoid(l_text,w) + (1 - alpha) sigmoid(l_full,w)
 (the paper averages the probabilities of N random windows; the cached eval windows are random starts,
 so the first N of them are such a sample). Videos with fewer cached windows average what they have.
+
+A run with fine-tuned top encoder blocks (checkpoint A, heads/topblocks.py) reads the cached 'prefix'
+states through its blocks; when the cache has none, and the run was loaded with `data_root`, its encoders
+run on the raw media at the cache's own window starts (heads/finetune.py). `layers_needed(run)` says
+which cached layers to load for a run.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import torch
 from torch import Tensor
 
 from heads.data import SplitData
-from heads.model import ConflictAwareModel, blend
+from heads.model import blend
 
 
 @dataclass
@@ -52,6 +57,11 @@ def window_logits(
     amp: bool = True,
 ) -> WindowLogits:
     """Logits of every (video, window) pair for the first `windows` windows (None/0: all cached)."""
+    from heads.topblocks import TopBlocksHeads, cached_window_logits
+
+    if isinstance(model, TopBlocksHeads):                 # prefix states through the top blocks
+        return cached_window_logits(model, data, windows=windows, text_source=text_source, batch_size=batch_size,
+                                    device=device, amp=amp)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     w = data.max_windows if not windows else min(int(windows), data.max_windows)
     n = len(data)
@@ -78,20 +88,79 @@ def window_logits(
                         valid.cpu().view(shape))
 
 
+def layers_needed(run, cache=None) -> tuple[str, ...]:
+    """The cached layers to load (heads.data.load_split) for `run`: its heads' layer for a frozen-encoder
+    run; 'prefix' for fine-tuned top blocks, or nothing but the metadata when the cache (given here or to
+    load_run) has no prefix states and the run runs its encoders on the raw media instead."""
+    cfg = run.train_config
+    if not getattr(cfg, "unfreeze_top", 0):
+        return (cfg.layer,)
+    cached = run.prefix_cached
+    if cache is not None:
+        from heads.topblocks import cache_prefix_problem
+
+        cached = cache_prefix_problem(getattr(cache, "spec", None), cfg.unfreeze_top) is None
+    if cached is False and getattr(run, "media", None) is not None:
+        return ()
+    return ("prefix",)
+
+
+def run_window_logits(run, data: SplitData, windows: int | None = None, batch_size: int = 64,
+                      device: str | torch.device | None = None) -> WindowLogits:
+    """Per-window logits of a run over a split, whichever kind the run is (see the module doc)."""
+    cfg = run.train_config
+    model = run.model
+    if device is not None:
+        model.to(device)
+    if getattr(cfg, "unfreeze_top", 0):
+        from heads.topblocks import data_has_prefix
+
+        if not data_has_prefix(data, run.model_config.present, cfg.text_source):
+            return _raw_window_logits(run, data, windows, batch_size)
+    return window_logits(model, data, windows=windows, modalities=run.model_config.present, layer=cfg.layer,
+                         text_source=cfg.text_source, batch_size=batch_size, amp=cfg.amp)
+
+
+def _no_prefix(run, what: str):
+    from heads.checkpoint import RunError
+
+    n = run.train_config.unfreeze_top
+    return RunError(f"{run.path}: fine-tuned run (top-{n} encoder blocks) but {what} holds no usable 'prefix' "
+                    f"states: re-extract the cache with 'prefix' added to the spec's layers and unfreeze_top {n}, "
+                    "or pass --data ROOT (the BAH tree) to run its encoders on the raw media")
+
+
+def require_inputs(run, cache=None) -> None:
+    """Raise one clear line when a fine-tuned run can read neither the cache's prefix states nor raw media."""
+    if not getattr(run.train_config, "unfreeze_top", 0) or getattr(run, "media", None) is not None:
+        return
+    if cache is not None:
+        from heads.topblocks import cache_prefix_problem
+
+        if cache_prefix_problem(getattr(cache, "spec", None), run.train_config.unfreeze_top) is not None:
+            raise _no_prefix(run, f"the cache {getattr(cache, 'path', '')}".rstrip())
+    elif run.prefix_cached is False:
+        raise _no_prefix(run, "the cache")
+
+
+def _raw_window_logits(run, data: SplitData, windows: int | None, batch_size: int) -> WindowLogits:
+    if getattr(run, "media", None) is None:
+        raise _no_prefix(run, f"the {data.split!r} data")
+    return run.media.window_logits(run.model, data, windows=windows, text_source=run.train_config.text_source,
+                                   batch_size=batch_size, amp=run.train_config.amp)
+
+
 def predict_split(run, data: SplitData, windows: int | None = 5, alpha: float | None = None,
                   device: str | torch.device | None = None,
                   batch_size: int = 64) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(video_ids, window-averaged blended probabilities, labels with NaN for unlabelled) for a split.
 
     `run` is a heads.checkpoint.Run; `alpha` defaults to the run's alpha (forced to 0 without text).
+    A fine-tuned run (top encoder blocks) reads the split's 'prefix' states, or, when it has none and the
+    run was loaded with `data_root`, runs its encoders on the raw media at the split's window starts.
     """
-    model: ConflictAwareModel = run.model
-    if device is not None:
-        model.to(device)
-    cfg = run.train_config
     a = run.alpha if alpha is None else float(alpha)
-    wl = window_logits(model, data, windows=windows, modalities=run.model_config.present, layer=cfg.layer,
-                       text_source=cfg.text_source, batch_size=batch_size, amp=cfg.amp)
+    wl = run_window_logits(run, data, windows=windows, batch_size=batch_size, device=device)
     probs = wl.probs(a if run.model_config.has_text else 0.0)
     return list(data.video_ids), probs.numpy().astype(np.float64), data.labels.cpu().numpy().astype(np.float64)
 

@@ -14,6 +14,13 @@
 Random draws come from generators seeded by (seed, epoch), so an epoch's numbers depend only on the state
 at its start: a resumed run continues exactly like an uninterrupted one. On the CPU everything is
 deterministic; on CUDA, bf16 autocast is used (amp) and atomics make the last bits vary.
+
+The loop (`fit`) is shared by every data path through a `Learner`: how an epoch's accumulation groups are
+drawn, how a micro-batch becomes logits, and how val is scored. `train_heads` is the cached path (heads
+only, or with `unfreeze_top` the top encoder blocks from the cached 'prefix' states, heads/topblocks.py);
+heads/finetune.py is the end-to-end path from the raw media. Unfrozen encoder blocks get their own
+parameter group at lr x encoder_lr_scale (paper: 3e-6 = 3e-5 / 10); the cosine schedule anneals both groups
+to lr_min.
 """
 from __future__ import annotations
 
@@ -23,16 +30,16 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from heads import checkpoint as ckpt
 from heads.data import TEXT_SOURCES, SplitData, resolve_device
-from heads.infer import autocast, window_logits
+from heads.infer import WindowLogits, autocast, window_logits
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.model import ConfigError, ConflictAwareModel, ModelConfig, build_model, dataclass_from_dict
 
@@ -61,6 +68,8 @@ class TrainConfig:
     amp: bool = True                 # bf16 autocast on CUDA (never on the CPU)
     eval_batch_size: int = 64        # (video, window) samples per evaluation forward
     device: str = "auto"             # where to train; not part of a run's identity
+    unfreeze_top: int = 0            # top encoder blocks trained too (0: heads only); reads the 'prefix' layer
+    encoder_lr_scale: float = 0.1    # their learning rate = lr x this (paper: 3e-6 for lr 3e-5)
 
     RUNTIME = ("device", "eval_batch_size")   # options a resumed run may change
 
@@ -76,6 +85,10 @@ class TrainConfig:
              "thresholds: need 0 <= lo <= hi <= 1 and step > 0"),
             (self.text_source in TEXT_SOURCES, f"text_source must be one of {', '.join(TEXT_SOURCES)}"),
             (self.eval_windows >= 0, "eval_windows must be >= 0"),
+            (self.unfreeze_top >= 0, "unfreeze_top must be >= 0"),
+            (self.encoder_lr_scale > 0, "encoder_lr_scale must be > 0"),
+            (self.unfreeze_top == 0 or self.layer == "last",
+             "with unfreeze_top the heads read the top blocks' output: layer must be 'last'"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -94,6 +107,11 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any], where: str = "train config") -> "TrainConfig":
         return dataclass_from_dict(cls, data, where)
 
+    @property
+    def input_layer(self) -> str:
+        """The cached layer a batch is read from: the heads' layer, or 'prefix' under unfrozen top blocks."""
+        return "prefix" if self.unfreeze_top else self.layer
+
 
 @dataclass
 class EpochRecord:
@@ -109,7 +127,8 @@ class EpochRecord:
 
 @dataclass
 class TrainResult:
-    model: ConflictAwareModel             # holding the best epoch's weights, eval mode
+    model: nn.Module                      # best epoch's weights, eval mode: ConflictAwareModel, or
+                                          # heads.topblocks.TopBlocksHeads with unfrozen top blocks
     model_config: ModelConfig
     train_config: TrainConfig
     best_epoch: int
@@ -178,6 +197,19 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 def steps_per_epoch(n: int, batch_size: int, accum: int) -> int:
     return math.ceil(math.ceil(n / batch_size) / accum)
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Heads at lr; fine-tuned encoder blocks (a TopBlocksHeads' `tops`) at lr x encoder_lr_scale."""
+    from heads.topblocks import tops_of
+
+    tops = tops_of(model)
+    if tops is None:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+    top_ids = {id(p) for p in tops.parameters()}
+    heads = [p for p in model.parameters() if p.requires_grad and id(p) not in top_ids]
+    blocks = [p for p in tops.parameters() if p.requires_grad]
+    return [{"params": heads, "lr": cfg.lr}, {"params": blocks, "lr": cfg.lr * cfg.encoder_lr_scale}]
 
 
 def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -293,6 +325,26 @@ def _write_epoch(out: Path, tensors: dict, meta: dict, best: dict | None, best_e
 # ---- the loop --------------------------------------------------------------------------------------
 
 
+@dataclass
+class Learner:
+    """One data path for the protocol loop (`fit`).
+
+    `groups(epoch, g)` yields the epoch's accumulation groups, each a list of micro-batches (objects with a
+    `.labels` (B,) tensor), drawn from the generator `g` (seeded per (seed, epoch)): all groups but the last
+    hold `batch_size x accum` samples in micro-batches of `batch_size` (a group may also come as ONE
+    micro-batch of all its samples: the per-sample weights then give the same gradient). `forward(mb)` gives
+    (l_full, l_text); `val_logits(model)` the per-window logits of the val split; `model` is what is trained
+    and checkpointed.
+    """
+
+    model: nn.Module
+    forward: Callable[[Any], tuple[Tensor, Tensor | None]]
+    groups: Callable[[int, torch.Generator], Iterable[list[Any]]]
+    val_logits: Callable[[nn.Module], WindowLogits]
+    train_labels: Tensor                  # (N,) labels of the training samples (pos_weight, step count)
+    val_labels: Tensor                    # (N,) val labels, NaN = unlabelled
+
+
 def train_heads(
     train: SplitData,
     val: SplitData,
@@ -306,34 +358,114 @@ def train_heads(
     on_step: Callable[[int, int], None] | None = None,
     cache: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    encoder_spec: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train the heads on `train`, select on `val`; with `out`, write a run folder (crash-safe).
 
+    With cfg.unfreeze_top = n the top n blocks of each encoder are trained too, from the cached 'prefix'
+    states (the splits must be loaded with layers including 'prefix'); they start from the encoders' weights,
+    loaded from `encoder_spec` (the cache's spec dict; default: the spec of the cache at cache['path']).
     `stop_after=k` returns after epoch k's checkpoint (a simulated interruption; resume with resume=True).
     `on_epoch` may raise TrainingStopped to stop the same way. `cache` is {fingerprint, path} for config.json.
     """
     device = resolve_device(cfg.device)
-    out = Path(out) if out is not None else None
     cache = cache or ckpt.cache_record()
-    if cfg.text_source == "window" and model_cfg.has_text and cfg.layer not in train.text_window:
-        raise ConfigError("text_source 'window': the cache holds no window-aligned transcripts")
+    layer = cfg.input_layer
+    if cfg.text_source == "window" and model_cfg.has_text and layer not in train.text_window:
+        raise ConfigError("text_source 'window': the cache holds no window-aligned transcripts"
+                          + (" for the 'prefix' layer" if cfg.unfreeze_top else ""))
     labelled = train.labelled()
     if labelled.numel() == 0:
         raise ConfigError(f"split {train.split!r} has no labelled videos to train on")
     if val.labelled().numel() == 0:
         raise ConfigError(f"split {val.split!r} has no labelled videos to select the epoch on")
-    pw = torch.tensor(pos_weight_of(train.labels), device=device)
+
+    model = build_model(model_cfg, seed=cfg.seed)
+    encoders = None
+    if cfg.unfreeze_top:
+        model, encoders = _cached_top_model(model, train, val, model_cfg, cfg, cache, encoder_spec)
+
+    def groups(epoch: int, g: torch.Generator):
+        order = labelled.cpu()[torch.randperm(labelled.numel(), generator=g)]
+        n_win = train.n_windows.cpu()[order]
+        windows = (torch.rand(order.numel(), generator=g, dtype=torch.float64) * n_win).long().clamp(max=n_win - 1)
+        order, windows = order.to(train.device), windows.to(train.device)
+        size = cfg.batch_size * cfg.accum
+        for s in range(0, order.numel(), size):       # a group as ONE forward (see accumulation_weights)
+            yield [train.batch(order[s : s + size], windows[s : s + size], modalities=model_cfg.present,
+                               layer=layer, text_source=cfg.text_source, device=device)]
+
+    def val_logits(m: nn.Module) -> WindowLogits:
+        return window_logits(m, val, windows=cfg.eval_windows or None, modalities=model_cfg.present, layer=layer,
+                             text_source=cfg.text_source, batch_size=cfg.eval_batch_size, device=device,
+                             amp=cfg.amp)
+
+    learner = Learner(model, lambda b: model(b.tokens), groups, val_logits, train.labels, val.labels)
+    return fit(learner, model_cfg, cfg, out, resume=resume, stop_after=stop_after, on_epoch=on_epoch,
+               on_step=on_step, cache=cache, extra=extra, encoders=encoders)
+
+
+def _cached_top_model(heads, train: SplitData, val: SplitData, model_cfg: ModelConfig, cfg: TrainConfig,
+                      cache: dict[str, Any], encoder_spec: dict[str, Any] | None):
+    """The cached fast path's model: the encoders' top blocks (from their weights) + the heads."""
+    from heads import topblocks
+
+    spec = encoder_spec
+    if spec is None:
+        if not cache.get("path"):
+            raise ConfigError("unfreeze_top: give the cache's spec (encoder_spec) to initialise the top blocks")
+        from extract.store import CacheReader
+
+        spec = CacheReader(cache["path"]).spec
+    problem = topblocks.cache_prefix_problem(spec, cfg.unfreeze_top)
+    if problem is not None:
+        raise ConfigError(f"--unfreeze-top {cfg.unfreeze_top}: {problem}")
+    for data in (train, val):
+        if not topblocks.data_has_prefix(data, model_cfg.present, cfg.text_source):
+            raise ConfigError(f"--unfreeze-top: split {data.split!r} was loaded without the 'prefix' layer "
+                              "(load it with layers including 'prefix')")
+    tops, configs = topblocks.initial_tops(spec, model_cfg.present, cfg.unfreeze_top)
+    return (topblocks.TopBlocksHeads(tops, heads),
+            topblocks.encoders_record(spec, configs, cfg.unfreeze_top, source="cache"))
+
+
+def fit(
+    learner: Learner,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    on_epoch: Callable[[EpochRecord, "TrainProgress"], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    cache: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    encoders: dict[str, Any] | None = None,
+) -> TrainResult:
+    """The paper's protocol over any data path: epochs, accumulation, cosine schedule, threshold sweep on
+    val, early stopping, the best epoch's weights, crash-safe checkpoints and resume (see the module doc).
+    `encoders` is config.json's "encoders" section of a run with fine-tuned top blocks."""
+    device = resolve_device(cfg.device)
+    out = Path(out) if out is not None else None
+    cache = cache or ckpt.cache_record()
+    n_train = int((~torch.isnan(learner.train_labels)).sum())
+    if n_train == 0:
+        raise ConfigError("no labelled videos to train on")
+    if int((~torch.isnan(learner.val_labels)).sum()) == 0:
+        raise ConfigError("no labelled val videos to select the epoch on")
+    pw = torch.tensor(pos_weight_of(learner.train_labels), device=device)
     w = cfg.text_weight if model_cfg.has_text else 0.0
     alpha = cfg.alpha if model_cfg.has_text else 0.0
 
-    model = build_model(model_cfg, seed=cfg.seed).to(device)
-    opt = make_optimizer(model.parameters(), cfg, device)
-    total_steps = cfg.epochs * steps_per_epoch(labelled.numel(), cfg.batch_size, cfg.accum)
+    model = learner.model.to(device)
+    opt = make_optimizer(param_groups(model, cfg), cfg, device)
+    total_steps = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, cfg.accum)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1), eta_min=cfg.lr_min)
     st = _State()
     best_weights: dict[str, Tensor] | None = None
 
-    config_json = ckpt.make_config(model_cfg, cfg, cache, extra)
+    config_json = ckpt.make_config(model_cfg, cfg, cache, extra, encoders=encoders)
     if out is not None:
         done = _prepare_out(out, resume, config_json)
         if done is not None:
@@ -352,10 +484,9 @@ def train_heads(
             while st.epoch < cfg.epochs and not stopped_early:
                 epoch = st.epoch + 1
                 t0 = time.perf_counter()
-                train_loss = _train_epoch(model, opt, sched, train, labelled, model_cfg, cfg, epoch, pw, w, device,
-                                          on_step)
-                rec, val_metrics = _validate(model, val, model_cfg, cfg, pw, w, alpha, device, epoch, train_loss,
-                                             sched.get_last_lr()[0])
+                train_loss = _train_epoch(learner, opt, sched, n_train, cfg, epoch, pw, w, device, on_step)
+                rec, val_metrics = _validate(learner.val_logits(model), learner.val_labels, cfg, pw, w, alpha,
+                                             epoch, train_loss, sched.get_last_lr()[0])
                 st.epoch = epoch
                 st.history.append(asdict(rec))
                 improved = rec.val_macro_f1 > st.best_f1
@@ -406,31 +537,29 @@ class TrainProgress:
     best_f1: float = -1.0
 
 
-def _train_epoch(model, opt, sched, train: SplitData, labelled: Tensor, model_cfg: ModelConfig, cfg: TrainConfig,
-                 epoch: int, pw: Tensor, w: float, device: torch.device,
-                 on_step: Callable[[int, int], None] | None) -> float:
+def _train_epoch(learner: Learner, opt, sched, n: int, cfg: TrainConfig, epoch: int, pw: Tensor, w: float,
+                 device: torch.device, on_step: Callable[[int, int], None] | None) -> float:
     g = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 0))
-    order = labelled.cpu()[torch.randperm(labelled.numel(), generator=g)]
-    n_win = train.n_windows.cpu()[order]
-    windows = (torch.rand(order.numel(), generator=g, dtype=torch.float64) * n_win).long().clamp(max=n_win - 1)
+    groups = iter(learner.groups(epoch, g))
     torch.manual_seed(epoch_seed(cfg.seed, epoch, 1))          # dropout
-    order, windows = order.to(train.device), windows.to(train.device)
-    model.train()
-    n = order.numel()
-    group = cfg.batch_size * cfg.accum
-    n_steps = math.ceil(n / group)
+    learner.model.train()
+    n_steps = math.ceil(n / (cfg.batch_size * cfg.accum))
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for step, s in enumerate(range(0, n, group)):
-        b = train.batch(order[s : s + group], windows[s : s + group], modalities=model_cfg.present,
-                        layer=cfg.layer, text_source=cfg.text_source, device=device)
-        with autocast(device, cfg.amp):
-            l_full, l_text = model(b.tokens)
-        per = joint_loss(l_full, l_text, b.labels, pw, cfg.label_smoothing, w, reduction="none")
-        (per * accumulation_weights(b.labels.numel(), cfg.batch_size, device)).sum().backward()
+    for step, group in enumerate(groups):
+        k = sum(int(mb.labels.numel()) for mb in group)
+        weights = accumulation_weights(k, cfg.batch_size, device)
+        at = 0
+        for mb in group:
+            with autocast(device, cfg.amp):
+                l_full, l_text = learner.forward(mb)
+            y = mb.labels.to(device)
+            per = joint_loss(l_full, l_text, y, pw, cfg.label_smoothing, w, reduction="none")
+            (per * weights[at : at + y.numel()]).sum().backward()
+            at += y.numel()
+            total += per.detach().double().sum()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        total += per.detach().double().sum()
         if on_step is not None:
             on_step(step + 1, n_steps)
     return float(total.item() / n)
@@ -450,13 +579,10 @@ def accumulation_weights(k: int, batch_size: int, device: torch.device | str = "
     return (1.0 / (n_micro * sizes)).repeat_interleave(sizes.long()).to(device)
 
 
-def _validate(model, val: SplitData, model_cfg: ModelConfig, cfg: TrainConfig, pw: Tensor, w: float, alpha: float,
-              device: torch.device, epoch: int, train_loss: float, lr: float) -> tuple[EpochRecord, dict]:
-    wl = window_logits(model, val, windows=cfg.eval_windows or None, modalities=model_cfg.present,
-                       layer=cfg.layer, text_source=cfg.text_source, batch_size=cfg.eval_batch_size,
-                       device=device, amp=cfg.amp)
-    keep = ~torch.isnan(val.labels.cpu())
-    y = val.labels.cpu()[keep]
+def _validate(wl: WindowLogits, val_labels: Tensor, cfg: TrainConfig, pw: Tensor, w: float, alpha: float,
+              epoch: int, train_loss: float, lr: float) -> tuple[EpochRecord, dict]:
+    keep = ~torch.isnan(val_labels.cpu())
+    y = val_labels.cpu()[keep]
     valid = wl.valid[keep]
     per = joint_loss(wl.full[keep], None if wl.text is None else wl.text[keep],
                      y[:, None].expand_as(valid), pw.cpu(), cfg.label_smoothing, w, reduction="none")
@@ -493,6 +619,7 @@ def _prepare_out(out: Path, resume: bool, config_json: dict) -> TrainResult | No
         for section in ("model", "train"):
             a, b = dict(old[section]), dict(config_json[section])
             if section == "train":
+                a = {**_train_defaults(), **a}           # a run written before an option existed
                 for k in TrainConfig.RUNTIME:
                     a.pop(k, None), b.pop(k, None)
             if a != b:
@@ -504,6 +631,12 @@ def _prepare_out(out: Path, resume: bool, config_json: dict) -> TrainResult | No
     if finished and resume:
         return _load_finished(out)
     return None
+
+
+def _train_defaults() -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def _load_finished(out: Path) -> TrainResult:
@@ -535,7 +668,11 @@ def _restore(out: Path, model, opt, sched) -> tuple[_State, dict[str, Tensor]]:
 
 
 def _finalize(out: Path, result: TrainResult) -> None:
-    ckpt.save_model(out / ckpt.MODEL_FILE, result.model, {"epoch": str(result.best_epoch)})
+    from heads.topblocks import TOPS_FILE, head_model_of, save_tops, tops_of
+
+    ckpt.save_model(out / ckpt.MODEL_FILE, head_model_of(result.model), {"epoch": str(result.best_epoch)})
+    if tops_of(result.model) is not None:                # fine-tuned encoder blocks beside the heads
+        save_tops(out / TOPS_FILE, tops_of(result.model))
     ckpt.write_history(out / ckpt.HISTORY_FILE, [asdict(h) for h in result.history])
     ckpt.atomic_write_json(out / ckpt.METRICS_FILE, result.metrics_record())    # last: marks the run complete
     for stale in [out / ckpt.STATE_FILE, *out.glob("best-e*.safetensors")]:
@@ -543,5 +680,5 @@ def _finalize(out: Path, result: TrainResult) -> None:
 
 
 __all__ = ["TrainConfig", "TrainResult", "EpochRecord", "TrainProgress", "TrainingStopped", "train_heads",
-           "check_out_folder", "accumulation_weights",
+           "fit", "Learner", "param_groups", "check_out_folder", "accumulation_weights",
            "joint_loss", "smooth", "pos_weight_of", "epoch_seed", "steps_per_epoch"]

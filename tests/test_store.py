@@ -179,20 +179,27 @@ def test_kill9_during_writes_then_resume_gives_identical_digest(tmp_path, backen
     fill(clean, spec, big_records())
     want = CacheReader(clean).digest()
     cache = tmp_path / "c"
-    leftovers = 0
+    landed = 0  # kills that left a temporary unit behind, i.e. that hit the inside of a write
     # Kill while writing the 2nd, 5th, ... video, at different moments inside the write.
     for target, delay in ((1, 0.0), (4, 0.01), (7, 0.03), (10, 0.002)):
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER_SCRIPT, str(cache), backend],
-                                stdout=subprocess.PIPE, text=True)
+        proc = _start_writer(cache, backend)
         for line in proc.stdout:
             if int(line) >= target:
                 break
         time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        leftovers += len([p for p in (cache / "videos").iterdir() if p.name.startswith(".tmp.")])
-        assert CacheReader(cache).verify() == [], "a reader must never see a half-written video"
-    assert leftovers > 0, "no kill landed inside a write: the test did not exercise atomicity"
+        landed += _kill_and_check(proc, cache)
+    # Timing alone is not reliable under load (a write may finish before the signal): kill further writers
+    # as soon as their temporary unit appears, until one kill has landed inside a write (bounded).
+    for _ in range(MAX_EXTRA_KILLS):
+        if landed:
+            break
+        proc = _start_writer(cache, backend)
+        if _wait_for_tmp_unit(cache, proc, timeout=30.0):
+            landed += _kill_and_check(proc, cache)
+        else:  # the writer finished (nothing left to write): the bound below reports it
+            proc.wait()
+            break
+    assert landed > 0, "no kill landed inside a write: the test did not exercise atomicity"
     w = CacheWriter(cache, spec, provenance={})
     for rec in big_records():
         if not w.is_complete(rec.video_id):
@@ -201,6 +208,37 @@ def test_kill9_during_writes_then_resume_gives_identical_digest(tmp_path, backen
     r = CacheReader(cache)
     assert r.digest() == want and r.verify() == []
     assert not [p for p in (cache / "videos").iterdir() if p.name.startswith(".")]
+
+
+MAX_EXTRA_KILLS = 20
+
+
+def _start_writer(cache: Path, backend: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _WRITER_SCRIPT, str(cache), backend],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def _own_tmp_units(cache: Path, pid: int) -> list[Path]:
+    """Temporary units of the writer `pid` (leftovers of earlier, dead writers do not count)."""
+    folder = cache / "videos"
+    return [p for p in folder.iterdir() if p.name.startswith(f".tmp.{pid}.")] if folder.is_dir() else []
+
+
+def _wait_for_tmp_unit(cache: Path, proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _own_tmp_units(cache, proc.pid):
+            return True
+    return False
+
+
+def _kill_and_check(proc: subprocess.Popen, cache: Path) -> int:
+    """SIGKILL the writer; 1 when it died inside a write (its temporary unit is left), else 0."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert CacheReader(cache).verify() == [], "a reader must never see a half-written video"
+    return int(bool(_own_tmp_units(cache, proc.pid)))
 
 
 def big_records() -> list[VideoRecord]:

@@ -1,0 +1,477 @@
+"""The paper's ablation tables (4, 5 and 6) from one cache, several seeds, in one call (`ahcli ablate`).
+
+Each split is loaded from the cache ONCE and every training reuses it (train_heads is called directly).
+Only what needs weights is trained; every inference-time setting reuses the trained models:
+
+  per seed, trained                                   derived at inference (no retraining)
+  7 modality subsets v a t va vt at vat (Table 5)     vat = the full model = checkpoint A when frozen:
+  vat without conflict features (Table 4)               alpha 0 / 0.5 / 0.6 / 1 (Table 4)
+  vat on the window-aligned transcript (Table 4,        1 / 3 / 5 inference windows (Table 6)
+      only when the cache holds it)                     single checkpoint and the A+B ensemble (Table 6)
+  vat with label smoothing 0.1 = checkpoint B
+  vat with the top-2 blocks unfrozen = checkpoint A, only when the cache holds the 'prefix' states and the
+      trainer offers `unfreeze_top`; otherwise A is the frozen eps = 0 model (the table says which)
+
+Protocol, as in the paper's section 4.4: the full model, alpha 0.6, no label smoothing, and `windows`
+inference windows (the paper: 1) unless a row says otherwise. Every (model, alpha, windows) setting gets its
+own threshold, swept on val at that setting ([0.25, 0.75], step 0.01) as the paper does for its chosen
+checkpoint; val and test are scored at it. The ensemble averages A's and B's blended probabilities
+(5 windows each), rounded to 4 decimals as `ahcli ensemble` does. A cell is the mean ± the sample standard
+deviation (ddof = 1; 0 for one seed) over seeds.
+`quick` trains only v, a, t and vat (single modalities vs the full model, plus the inference-time rows).
+Finished trainings are appended to OUT/trainings.jsonl; `resume=True` reuses those made with the same
+cache, options and seed.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from extract.errors import AHError
+
+SUBSETS = ("v", "a", "t", "va", "vt", "at", "vat")
+QUICK_SUBSETS = ("v", "a", "t", "vat")
+ALPHAS = (0.0, 0.5, 0.6, 1.0)
+WINDOWS = (1, 3, 5)
+ENSEMBLE_WINDOWS = 5
+B_SMOOTHING = 0.1
+CONTROLLED = ("seed", "modalities", "conflict", "text_source", "label_smoothing", "unfreeze_top")
+MODEL_KEYS = ("dim", "head_hidden", "head_dropout", "ffn_dropout", "ffn_mult", "pooling")
+METRICS = ("macro_f1", "f1_ah", "f1_noah")
+CSV_COLUMNS = ("table", "config", "split", "seed", "n_seeds", "macro_f1", "macro_f1_std", "f1_ah", "f1_ah_std",
+               "f1_noah", "f1_noah_std", "ap", "accuracy", "threshold", "alpha", "windows", "best_epoch", "seconds")
+LOG_FILE = "trainings.jsonl"
+
+
+class AblationError(AHError):
+    """Options the ablation cannot run with (a controlled option overridden, an unusable cache)."""
+
+
+# ---- what to train -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Training:
+    name: str
+    modalities: str = "vat"
+    conflict: bool = True
+    text_source: str = "full"
+    label_smoothing: float = 0.0
+    unfreeze_top: int = 0
+
+
+@dataclass
+class Plan:
+    trainings: list[Training]
+    checkpoint_a: str                 # name of the training used as checkpoint A
+    a_note: str                       # which A was used, and why
+    window_text: bool
+
+
+def unfreeze_supported(reader) -> tuple[bool, str]:
+    """True when the trainer has `unfreeze_top` and the cache holds the prefix states it needs."""
+    from heads.train import TrainConfig
+
+    spec = reader.spec or {}
+    if "unfreeze_top" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return False, "train_heads has no unfreeze_top option"
+    if "prefix" not in (spec.get("layers") or []) or int(spec.get("unfreeze_top") or 0) < 2:
+        return False, "the cache holds no 'prefix' states for the top 2 blocks (re-extract with layers: [last, prefix])"
+    return True, "top-2 blocks unfrozen from the cached prefix states"
+
+
+def make_plan(reader, quick: bool, a_unfrozen: bool, a_reason: str) -> Plan:
+    spec = reader.spec or {}
+    window_text = bool((spec.get("text") or {}).get("window_aligned")) and not quick
+    subsets = QUICK_SUBSETS if quick else SUBSETS
+    t = [Training(s, modalities=s) for s in subsets]
+    a_name = "vat"
+    a_note = f"checkpoint A = vat, eps 0, all encoder layers frozen ({a_reason})"
+    if not quick:
+        t.append(Training("vat-noconflict", conflict=False))
+        if window_text:
+            t.append(Training("vat-window", text_source="window"))
+        t.append(Training("vat-eps0.1", label_smoothing=B_SMOOTHING))
+        if a_unfrozen:
+            t.append(Training("vat-top2", unfreeze_top=2))
+            a_name, a_note = "vat-top2", f"checkpoint A = vat, eps 0, {a_reason}"
+    return Plan(t, a_name, a_note, window_text)
+
+
+def split_overrides(base: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model overrides, train overrides); the options the ablation varies itself are refused."""
+    from heads.train import TrainConfig
+
+    bad = sorted(k for k in base if k in CONTROLLED)
+    if bad:
+        raise AblationError(f"ablate varies {', '.join(bad)} itself; leave them out of the base options")
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(k for k in base if k not in train_keys and k not in MODEL_KEYS)
+    if unknown:
+        raise AblationError(f"unknown training option(s) {', '.join(unknown)}")
+    model = {k: v for k, v in base.items() if k in MODEL_KEYS}
+    train = {k: v for k, v in base.items() if k in train_keys}
+    if "lr" in train and "lr_min" not in train:
+        train["lr_min"] = min(3e-7, float(train["lr"]))
+    return model, train
+
+
+# ---- scoring -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    table: str
+    config: str
+    split: str
+    seed: int | str
+    macro_f1: float
+    f1_ah: float
+    f1_noah: float
+    ap: float | None = None
+    accuracy: float | None = None
+    threshold: float | None = None
+    alpha: float | None = None
+    windows: int | None = None
+    best_epoch: int | None = None
+    seconds: float | None = None
+    n_seeds: int = 1
+    std: dict[str, float] = field(default_factory=dict)
+
+
+def score(table: str, config: str, seed: int, val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray] | None,
+          **extra) -> list[Row]:
+    """Threshold swept on val at this setting; a row for val and one for test at that threshold."""
+    from heads.metrics import bah_metrics, sweep_threshold
+
+    t, _ = sweep_threshold(val[0], val[1], 0.25, 0.75, 0.01)
+    rows = []
+    for split, pair in (("val", val), ("test", test)):
+        if pair is None:
+            continue
+        m = bah_metrics(pair[1], probs=pair[0], threshold=t)
+        rows.append(Row(table, config, split, seed, m["macro_f1"], m["f1_ah"], m["f1_noah"], m["ap"],
+                        m["accuracy"], t, **extra))
+    return rows
+
+
+def _labelled(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keep = ~np.isnan(labels)
+    return probs[keep], labels[keep]
+
+
+def as_run(result, name: str, cache: dict[str, Any]):
+    """A heads.checkpoint.Run around a freshly trained model (no folder written: nothing to re-read)."""
+    from heads.checkpoint import Run
+
+    alpha = result.train_config.alpha if result.model_config.has_text else 0.0
+    return Run(Path(name), result.model, result.model_config, result.train_config, float(result.threshold),
+               float(alpha), result.metrics_record(), cache)
+
+
+def evaluate_training(run, t: Training, seed: int, evals: dict[str, Any], windows: int, cap: int,
+                      full_model: bool) -> tuple[list[Row], dict[str, list[float]]]:
+    """All rows one trained model gives, and its 5-window probabilities for the ensemble."""
+    from heads.infer import predict_split
+
+    cache: dict[tuple[int, float | None], dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+
+    def probs(w: int, alpha: float | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        key = (min(w, cap), alpha)
+        if key not in cache:
+            out = {}
+            for split, data in evals.items():
+                _, p, y = predict_split(run, data, windows=w, alpha=alpha)
+                out[split] = _labelled(p, y)
+            cache[key] = out
+        return cache[key]
+
+    def rows(table: str, config: str, w: int, alpha: float | None = None) -> list[Row]:
+        p = probs(w, alpha)
+        a = run.alpha if alpha is None else alpha
+        return score(table, config, seed, p["val"], p.get("test"), alpha=a if run.model_config.has_text else 0.0,
+                     windows=min(w, cap), best_epoch=run.metrics.get("best_epoch"),
+                     seconds=run.metrics.get("seconds"))
+
+    out: list[Row] = []
+    if t.name in SUBSETS:
+        out += rows("5", f"modality={t.modalities}", windows)
+    if t.name == "vat-noconflict":
+        out += rows("4", "no_conflict", windows)
+    if t.name == "vat-window":
+        out += rows("4", "window_text", windows)
+    if full_model:                                   # the frozen full model: the inference-time rows
+        for a in ALPHAS:
+            out += rows("4", f"alpha={a:g}", windows, a)
+        for w in WINDOWS:
+            out += rows("6", f"windows={w}", w)
+    ens = {k: v[0].tolist() for k, v in probs(ENSEMBLE_WINDOWS).items()}
+    return out, ens
+
+
+def ensemble_rows(seed: int, a: dict[str, list[float]], b: dict[str, list[float]], labels: dict[str, np.ndarray],
+                  cap: int) -> list[Row]:
+    from heads.ensemble import quantise
+
+    pairs = {s: (quantise((np.asarray(a[s]) + np.asarray(b[s])) / 2), labels[s]) for s in a}
+    return score("6", "ensemble_AB", seed, pairs["val"], pairs.get("test"), alpha=None,
+                 windows=min(ENSEMBLE_WINDOWS, cap))
+
+
+def single_rows(seed: int, name: str, ens: dict[str, list[float]], labels: dict[str, np.ndarray],
+                cap: int) -> list[Row]:
+    pairs = {s: (np.asarray(v), labels[s]) for s, v in ens.items()}
+    return score("6", name, seed, pairs["val"], pairs.get("test"), windows=min(ENSEMBLE_WINDOWS, cap))
+
+
+# ---- aggregation and output ----------------------------------------------------------------------------
+
+
+def aggregate(rows: Sequence[Row]) -> list[Row]:
+    """One 'mean' row per (table, config, split): means, and sample std over seeds (0 for one seed)."""
+    groups: dict[tuple[str, str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.table, r.config, r.split), []).append(r)
+    out = []
+    for (table, config, split), rs in groups.items():
+        def mean(k: str) -> float | None:
+            vals = [getattr(r, k) for r in rs if getattr(r, k) is not None]
+            return float(np.mean(vals)) if vals else None
+
+        std = {k: float(np.std([getattr(r, k) for r in rs], ddof=1)) if len(rs) > 1 else 0.0 for k in METRICS}
+        out.append(Row(table, config, split, "mean", mean("macro_f1"), mean("f1_ah"), mean("f1_noah"), mean("ap"),
+                       mean("accuracy"), mean("threshold"), rs[0].alpha, rs[0].windows, None, mean("seconds"),
+                       n_seeds=len(rs), std=std))
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6f}"
+    return str(v)
+
+
+def write_csv(path: Path, rows: Sequence[Row]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        d = dataclasses.asdict(r)
+        for k in METRICS:
+            d[f"{k}_std"] = r.std.get(k) if r.std else None
+        w.writerow([_fmt(d.get(c)) for c in CSV_COLUMNS])
+    _atomic_write_text(path, buf.getvalue())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    os.replace(tmp, path)
+
+
+def cell(r: Row | None, k: str) -> str:
+    if r is None:
+        return "-"
+    return f"{getattr(r, k):.3f} ± {r.std.get(k, 0.0):.3f}"
+
+
+TABLE4 = [("no_conflict", "No conflict features (v+a+t only)"), ("window_text", "Window-aligned transcript only"),
+          ("alpha=0", "Text blend α = 0.0 (full-fusion only)"), ("alpha=0.5", "Text blend α = 0.5"),
+          ("alpha=0.6", "Text blend α = 0.6 (ours)"), ("alpha=1", "Text blend α = 1.0 (text-only at inference)")]
+TABLE5 = [("modality=v", "Video only"), ("modality=a", "Audio only"), ("modality=t", "Text only"),
+          ("modality=va", "Video + Audio"), ("modality=vt", "Video + Text"), ("modality=at", "Audio + Text"),
+          ("modality=vat", "All three (ours)")]
+TABLE6 = [("windows=1", "Inference: 1 window"), ("windows=3", "Inference: 3 windows"),
+          ("windows=5", "Inference: 5 windows (ours)"), ("single_A", "Single checkpoint A (5 windows)"),
+          ("single_B", "Single checkpoint B (5 windows)"), ("ensemble_AB", "Ensemble of 2 checkpoints (5 win.)")]
+
+
+def markdown(agg: Sequence[Row], meta: dict[str, Any]) -> str:
+    by = {(r.table, r.config, r.split): r for r in agg}
+
+    def table(title: str, tab: str, items, splits: Sequence[str], first: str) -> list[str]:
+        present = [(c, label) for c, label in items if any((tab, c, s) in by for s in splits)]
+        if not present:
+            return []
+        head = [first] + [f"{s} {m}" if len(splits) > 1 else m for s in splits
+                          for m in ("Macro F1", "F1-AH", "F1-NoAH")]
+        lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c, label in present:
+            vals = [cell(by.get((tab, c, s)), k) for s in splits for k in METRICS]
+            lines.append("| " + " | ".join([label] + vals) + " |")
+        return lines + [""]
+
+    out = [f"# Ablation: {meta['cache']}", "",
+           f"Cache fingerprint `{meta['fingerprint']}`; seeds {meta['seeds']}; "
+           f"{meta['trainings']} trainings in {meta['seconds']:.0f} s on {meta['device']}.",
+           f"Options: {json.dumps(meta['base'], sort_keys=True) if meta['base'] else 'the paper defaults'}.",
+           f"Tables 4 and 5 use {meta['windows']} inference window(s) (the paper: 1); each setting's threshold "
+           "is swept on val at that setting. Cells: mean ± sample std over seeds.", ""]
+    has_test = any(r.split == "test" for r in agg)
+    test = ["test"] if has_test else ["val"]
+    out += table("Table 4. Component ablation (" + test[0] + " split)", "4", TABLE4, test, "Configuration")
+    out += table("Table 5. Modality ablation (validation and test splits)", "5", TABLE5,
+                 ["val", "test"] if has_test else ["val"], "Modality")
+    out += table("Table 6. Inference settings (" + test[0] + " split)", "6", TABLE6, test, "Setting")
+    out += [f"- {meta['a_note']}; checkpoint B = vat, eps {B_SMOOTHING}, frozen.",
+            f"- Window-aligned transcript: {'trained' if meta['window_text'] else 'not cached (or quick): row absent'}.",
+            f"- Windows are capped at the {meta['cap']} eval window(s) the cache holds."]
+    margin = full_vs_single(agg, test[0])
+    if margin is not None:
+        out.append(f"- Full model vs the best single modality ({test[0]} Macro F1): {margin:+.3f}.")
+    return "\n".join(out) + "\n"
+
+
+def full_vs_single(agg: Sequence[Row], split: str = "test") -> float | None:
+    by = {(r.config, r.split): r.macro_f1 for r in agg if r.table == "5"}
+    full = by.get(("modality=vat", split))
+    singles = [by[(f"modality={m}", split)] for m in "vat" if (f"modality={m}", split) in by]
+    if full is None or not singles:
+        return None
+    return full - max(singles)
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AblationResult:
+    rows: list[Row]                   # one per config x split x seed
+    aggregated: list[Row]             # one per config x split
+    markdown: str
+    seconds: float
+
+
+def _log_key(fingerprint: str, base: dict, quick: bool, windows: int) -> str:
+    return json.dumps({"fp": fingerprint, "base": base, "quick": quick, "windows": windows}, sort_keys=True)
+
+
+def _read_log(path: Path, key: str) -> dict[tuple[str, int], dict]:
+    done: dict[tuple[str, int], dict] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue                 # a line cut by a kill
+        if rec.get("key") == key:
+            done[(rec["name"], int(rec["seed"]))] = rec
+    return done
+
+
+def _rows_from(rec: dict) -> list[Row]:
+    return [Row(**r) for r in rec["rows"]]
+
+
+def run_ablation(
+    cache: Path,
+    out: Path,
+    seeds: int = 3,
+    base: dict[str, Any] | None = None,
+    quick: bool = False,
+    *,
+    windows: int = 1,
+    device: str = "auto",
+    resume: bool = False,
+    on_load: Callable[[str], None] | None = None,
+    on_training: Callable[[str, int, int], None] | None = None,
+    on_epoch: Callable[[Any, Any], None] | None = None,
+) -> AblationResult:
+    """Train and score every ablation config for `seeds` seeds (0..seeds-1); write OUT/ablation.md and
+    OUT/ablation.csv. `base` overrides TrainConfig/ModelConfig options for every training."""
+    from extract.store import CacheReader
+    from heads.checkpoint import cache_record
+    from heads.data import load_split, parse_modalities
+    from heads.model import ModelConfig
+    from heads.train import TrainConfig, train_heads
+
+    t0 = time.perf_counter()
+    if seeds < 1 or windows < 1:
+        raise AblationError("seeds and windows must be >= 1")
+    base = dict(base or {})
+    model_over, train_over = split_overrides(base)
+    out = Path(out)
+    reader = CacheReader(cache)
+    a_ok, a_reason = (False, "quick") if quick else unfreeze_supported(reader)
+    plan = make_plan(reader, quick, a_ok, a_reason)
+    TrainConfig(**train_over)                         # refuse bad values before loading anything
+    layers = ("last", "prefix") if a_ok else ("last",)
+
+    def load(split: str):
+        if on_load is not None:
+            on_load(split)
+        return load_split(reader, split, layers=layers, device=train_over.get("device", device),
+                          text_window=plan.window_text)
+
+    train, val = load("train"), load("val")
+    evals = {"val": val}
+    if reader.video_ids("test"):
+        evals["test"] = load("test")
+    cap = min(int(d.max_windows) for d in evals.values())
+    labels = {s: d.labels.cpu().numpy()[~np.isnan(d.labels.cpu().numpy())] for s, d in evals.items()}
+
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / LOG_FILE
+    key = _log_key(reader.fingerprint, base, quick, windows)
+    done = _read_log(log_path, key) if resume else {}
+    if not resume:
+        log_path.unlink(missing_ok=True)
+    cache_rec = cache_record(reader, cache)
+    rows: list[Row] = []
+    total = len(plan.trainings) * seeds
+    k = 0
+    for seed in range(seeds):
+        ens: dict[str, dict[str, list[float]]] = {}
+        for t in plan.trainings:
+            k += 1
+            if on_training is not None:
+                on_training(f"{t.name} seed {seed}", k, total)
+            rec = done.get((t.name, seed))
+            if rec is None:
+                mods = parse_modalities(t.modalities)
+                mcfg = ModelConfig(input_dims=train.dims("last"), modalities=t.modalities, conflict=t.conflict,
+                                   **model_over)
+                tkw = dict(train_over, seed=seed, text_source=t.text_source if "text" in mods else "full",
+                           label_smoothing=t.label_smoothing)
+                if t.unfreeze_top:
+                    tkw["unfreeze_top"] = t.unfreeze_top
+                tcfg = TrainConfig(**{"device": device, **tkw})
+                result = train_heads(train, val, mcfg, tcfg, None, on_epoch=on_epoch, cache=cache_rec)
+                run = as_run(result, t.name, cache_rec)
+                r_rows, r_ens = evaluate_training(run, t, seed, evals, windows, cap,
+                                                  full_model=(t.name == "vat"))
+                rec = {"key": key, "name": t.name, "seed": seed, "rows": [dataclasses.asdict(r) for r in r_rows],
+                       "ens": r_ens}
+                with open(log_path, "a", encoding="utf-8") as fh:     # one line per finished training
+                    fh.write(json.dumps(rec) + "\n")
+            rows += _rows_from(rec)
+            ens[t.name] = rec["ens"]
+        if not quick:
+            rows += single_rows(seed, "single_A", ens[plan.checkpoint_a], labels, cap)
+            rows += single_rows(seed, "single_B", ens["vat-eps0.1"], labels, cap)
+            rows += ensemble_rows(seed, ens[plan.checkpoint_a], ens["vat-eps0.1"], labels, cap)
+    agg = aggregate(rows)
+    seconds = time.perf_counter() - t0
+    meta = {"cache": str(cache), "fingerprint": reader.fingerprint, "seeds": list(range(seeds)),
+            "trainings": total, "seconds": seconds, "device": str(train.device), "base": base,
+            "windows": windows, "a_note": plan.a_note, "window_text": plan.window_text, "cap": cap}
+    md = markdown(agg, meta)
+    write_csv(out / "ablation.csv", rows + agg)
+    _atomic_write_text(out / "ablation.md", md)
+    return AblationResult(rows, agg, md, seconds)
+
+
+__all__ = ["run_ablation", "AblationResult", "AblationError", "Row", "Training", "make_plan", "aggregate",
+           "markdown", "full_vs_single", "split_overrides", "SUBSETS", "ALPHAS", "WINDOWS"]

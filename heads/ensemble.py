@@ -1,0 +1,354 @@
+"""Checkpoint ensembles and the ABAW challenge submission files (`ahcli ensemble`).
+
+An ensemble averages, per video, the runs' blended probabilities (each run with its own alpha, over the
+first N cached eval windows), tunes ONE threshold on val (sweep [0.25, 0.75] step 0.01), and scores val and
+test at it. The ensemble probability is rounded to 4 decimals, the precision of the challenge file, BEFORE
+the threshold is tuned and applied: predictions.csv, metrics.json and the submission then agree on every
+decision (a prediction is always `p1 >= threshold` of the number printed).
+
+Submission (when the cache holds the private split, or `data_root` names its split file):
+  OUT/submission/with_probabilities/trial-0.txt   video_id,p0,p1,pred   (p0 + p1 == 1 exactly as printed)
+  OUT/submission/no_probabilities/trial-0.txt     video_id,pred
+  OUT/submission/info.json                         where the order came from, missing videos, threshold
+No header, one line per video. The line order is the private split file's (`<data_root>/../test-set-30-
+participants-unlabeled/data/split/test.txt`, or `private_root/split/test.txt`) when a BAH root is given.
+The cache itself does not record the split file's order: without a BAH root the lines follow the cache's
+video_id order (sorted), and info.json says so; pass the root to be sure of the organisers' template order.
+A private video missing from the cache (failed extraction) is never dropped silently: the ensemble refuses,
+naming the missing ids, unless `allow_missing`, which writes a placeholder line (p1 = 0.5000) for each,
+lists them in info.json and warns.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from extract.errors import AHError
+
+DECIMALS = 4
+PLACEHOLDER_P1 = 0.5
+SPLIT_ORDER = ("train", "val", "test", "private")
+SUBMISSION_DIR = "submission"
+WITH_PROBS = Path(SUBMISSION_DIR) / "with_probabilities" / "trial-0.txt"
+NO_PROBS = Path(SUBMISSION_DIR) / "no_probabilities" / "trial-0.txt"
+
+
+class EnsembleError(AHError):
+    """Runs that cannot be combined, a cache without val labels, or private videos missing from the cache."""
+
+
+# ---- small helpers ---------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    _atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def quantise(probs: np.ndarray) -> np.ndarray:
+    """Probabilities rounded to the challenge file's 4 decimals (the number every decision uses)."""
+    return np.round(np.asarray(probs, dtype=np.float64), DECIMALS)
+
+
+def format_pair(p1: float) -> tuple[str, str]:
+    """('p0', 'p1') with 4 decimals whose printed values sum to exactly 1: p1 rounded, p0 = 1 - p1 in decimal."""
+    d1 = Decimal(f"{float(p1):.{DECIMALS}f}")
+    d0 = Decimal(1) - d1
+    return f"{d0:.{DECIMALS}f}", f"{d1:.{DECIMALS}f}"
+
+
+def layers_needed(run) -> tuple[str, ...]:
+    """Cached layers a run reads: the trainer's `layers_needed(run)` when it offers one (fine-tuned runs
+    read the 'prefix' states too), else the run's configured layer."""
+    from heads import checkpoint, infer
+
+    for module in (infer, checkpoint):
+        fn = getattr(module, "layers_needed", None)
+        if callable(fn):
+            return tuple(fn(run))
+    return (getattr(run.train_config, "layer", "last") or "last",)
+
+
+# ---- runs ------------------------------------------------------------------------------------------
+
+
+def load_runs(runs: Sequence[Path], cache_fingerprint: str, device) -> list:
+    """Load each run folder; refuse runs made on different caches, or on another cache than this one."""
+    from heads.checkpoint import load_run
+
+    if not runs:
+        raise EnsembleError("ensemble: give at least one run folder")
+    loaded = [load_run(r, device=device) for r in runs]
+    first = loaded[0]
+    for r in loaded[1:]:
+        if r.fingerprint != first.fingerprint:
+            raise EnsembleError(
+                f"{r.path}: trained on cache fingerprint {r.fingerprint}, but {first.path} on "
+                f"{first.fingerprint}; an ensemble needs runs trained on one cache")
+    if first.fingerprint != cache_fingerprint:
+        raise EnsembleError(
+            f"runs were trained on cache fingerprint {first.fingerprint}, but this cache is {cache_fingerprint}; "
+            "ensemble them over the cache they were trained on")
+    return loaded
+
+
+@dataclass
+class DataNeeds:
+    """What one load of a split must hold so every run can read it."""
+    modalities: tuple[str, ...]
+    layers: tuple[str, ...]
+    text_window: bool
+
+
+def data_needs(runs: Sequence) -> DataNeeds:
+    from heads.data import MODALITIES
+
+    mods = {m for r in runs for m in r.model_config.present}
+    layers: list[str] = []
+    for r in runs:
+        layers += [x for x in layers_needed(r) if x not in layers]
+    window = any(r.train_config.text_source == "window" and r.model_config.has_text for r in runs)
+    return DataNeeds(tuple(m for m in MODALITIES if m in mods), tuple(layers), window)
+
+
+def run_probs(runs: Sequence, data, windows: int) -> list[np.ndarray]:
+    """Per run: window-averaged blended probabilities (the run's alpha) of every video of `data`."""
+    from heads.infer import predict_split
+
+    return [predict_split(r, data, windows=windows)[1] for r in runs]
+
+
+# ---- the private split's order ---------------------------------------------------------------------
+
+
+@dataclass
+class PrivateOrder:
+    video_ids: list[str]                    # the submission's lines, in order
+    source: str                             # the split file read, or a note that the cache order was used
+    missing: list[str] = field(default_factory=list)      # in the order but not in the cache
+    extra: list[str] = field(default_factory=list)        # in the cache but not in the split file (ignored)
+    problems: list[str] = field(default_factory=list)     # split-file lines that could not be read
+
+
+def private_split_file(data_root: Path | None, private_root: Path | None) -> Path | None:
+    """The private split file: private_root/split/test.txt, else <data_root>/../test-set-30-participants-
+    unlabeled/data/split/test.txt. None when neither root is given."""
+    from extract.bah import PRIVATE_DIR
+
+    if private_root is not None:
+        path = Path(private_root) / "split" / "test.txt"
+    elif data_root is not None:
+        path = Path(data_root) / PRIVATE_DIR / "split" / "test.txt"
+    else:
+        return None
+    if not path.is_file():
+        raise EnsembleError(f"{path}: private split file not found (give the BAH root whose "
+                            "../test-set-30-participants-unlabeled/data holds it, or --private-root)")
+    return path
+
+
+def private_order(reader, split_file: Path | None) -> PrivateOrder | None:
+    """The submission's line order and which private videos the cache lacks. None: no private split at all."""
+    from extract.bah import read_split_file
+
+    in_cache = reader.video_ids("private")
+    failed = sorted({str(e.get("video_id")) for e in reader.errors() if e.get("split") == "private"})
+    if split_file is not None:
+        lines, problems = read_split_file(split_file, private=True, split="private")
+        ids = [line.video_id for line in lines]
+        have = set(in_cache)
+        listed = set(ids)
+        return PrivateOrder(ids, str(split_file), [v for v in ids if v not in have],
+                            [v for v in in_cache if v not in listed], [p.problem for p in problems])
+    if not in_cache and not failed:
+        return None
+    ids = sorted(set(in_cache) | set(failed))
+    return PrivateOrder(ids, "cache (video_id order; the cache does not record the split file's order: "
+                             "pass the BAH root to follow it)", [v for v in ids if v not in set(in_cache)])
+
+
+def check_missing(order: PrivateOrder, allow_missing: bool) -> None:
+    if order.missing and not allow_missing:
+        shown = ", ".join(order.missing[:10]) + (f" ... ({len(order.missing)} in all)" if len(order.missing) > 10 else "")
+        raise EnsembleError(f"{len(order.missing)} private video(s) are not in the cache (failed extraction?): "
+                            f"{shown}; re-extract them (ahcli extract ... --repair) or pass --allow-missing to "
+                            "write placeholder lines")
+
+
+def write_submission(out: Path, order: PrivateOrder, probs: dict[str, float], threshold: float) -> dict:
+    """The two challenge files in `order`; missing videos get the placeholder probability. Returns info."""
+    with_p, no_p = [], []
+    for vid in order.video_ids:
+        p1 = probs.get(vid, PLACEHOLDER_P1)
+        s0, s1 = format_pair(p1)
+        pred = int(Decimal(s1) >= Decimal(repr(float(threshold))))
+        with_p.append(f"{vid},{s0},{s1},{pred}\n")
+        no_p.append(f"{vid},{pred}\n")
+    _atomic_write_text(out / WITH_PROBS, "".join(with_p))
+    _atomic_write_text(out / NO_PROBS, "".join(no_p))
+    info = {"lines": len(order.video_ids), "order_source": order.source, "threshold": threshold,
+            "placeholders": order.missing, "placeholder_p1": PLACEHOLDER_P1 if order.missing else None,
+            "ignored_cache_videos": order.extra, "split_file_problems": order.problems}
+    _write_json(out / SUBMISSION_DIR / "info.json", info)
+    return info
+
+
+# ---- the ensemble ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitScores:
+    split: str
+    video_ids: list[str]
+    labels: np.ndarray                      # NaN = unlabelled
+    per_run: list[np.ndarray]               # each run's probabilities
+    probs: np.ndarray                       # ensemble probability, quantised
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return ~np.isnan(self.labels)
+
+
+def cache_splits(reader) -> list[str]:
+    present = {reader.meta(v)["split"] for v in reader.video_ids()}
+    return [s for s in SPLIT_ORDER if s in present] + sorted(present - set(SPLIT_ORDER))
+
+
+def score_splits(reader, runs: Sequence, splits: Sequence[str], windows: int, device,
+                 on_split: Callable[[str], None] | None = None) -> dict[str, SplitScores]:
+    """Every run's and the ensemble's probabilities per split; each split loaded once, then released."""
+    from heads.data import load_split
+
+    needs = data_needs(runs)
+    out = {}
+    for split in splits:
+        if on_split is not None:
+            on_split(split)
+        data = load_split(reader, split, layers=needs.layers, device=device, modalities=needs.modalities,
+                          text_window=needs.text_window)
+        per_run = run_probs(runs, data, windows)
+        out[split] = SplitScores(split, list(data.video_ids), data.labels.cpu().numpy().astype(np.float64),
+                                 per_run, quantise(np.mean(per_run, axis=0)))
+        del data
+    return out
+
+
+def _metrics(s: SplitScores, probs: np.ndarray, threshold: float) -> dict | None:
+    from heads.metrics import bah_metrics
+
+    keep = s.labelled
+    if not keep.any():
+        return None
+    return bah_metrics(s.labels[keep], probs=probs[keep], threshold=threshold)
+
+
+def tune_threshold(val: SplitScores) -> float:
+    from heads.metrics import sweep_threshold
+
+    keep = val.labelled
+    if not keep.any():
+        raise EnsembleError("the cache's val split holds no labelled videos: the threshold cannot be tuned")
+    t, _ = sweep_threshold(val.probs[keep], val.labels[keep], 0.25, 0.75, 0.01)
+    return t
+
+
+def write_predictions(path: Path, scores: dict[str, SplitScores], threshold: float) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["video_id", "split", "probability", "prediction", "label"])
+    for s in scores.values():
+        for vid, p, y in zip(s.video_ids, s.probs, s.labels):
+            w.writerow([vid, s.split, f"{p:.{DECIMALS}f}", int(p >= threshold), "" if np.isnan(y) else int(y)])
+    _atomic_write_text(path, buf.getvalue())
+
+
+def run_ensemble(
+    runs: Sequence[Path],
+    cache: Path,
+    out: Path,
+    windows: int = 5,
+    *,
+    data_root: Path | None = None,
+    private_root: Path | None = None,
+    allow_missing: bool = False,
+    device: str = "auto",
+    warn: Callable[[str], None] | None = None,
+    on_split: Callable[[str], None] | None = None,
+) -> dict:
+    """Average the runs over `cache`, tune the threshold on val, write OUT/metrics.json, OUT/predictions.csv
+    and (with a private split) the submission files. Returns the metrics.json content."""
+    from extract.store import CacheReader
+    from heads.data import resolve_device
+
+    if windows < 1:
+        raise EnsembleError(f"windows must be >= 1 (got {windows})")
+    out = Path(out)
+    reader = CacheReader(cache)
+    dev = resolve_device(device)
+    loaded = load_runs([Path(r) for r in runs], reader.fingerprint, dev)
+    order = private_order(reader, private_split_file(data_root, private_root))
+    if order is not None:
+        check_missing(order, allow_missing)               # before any work: refuse early
+    splits = cache_splits(reader)
+    if "val" not in splits:
+        raise EnsembleError(f"{cache}: the cache holds no val split: the threshold cannot be tuned")
+    scores = score_splits(reader, loaded, splits, windows, device, on_split)
+    t = tune_threshold(scores["val"])
+    test = scores.get("test")
+    record = {
+        "threshold": t,
+        "val": _metrics(scores["val"], scores["val"].probs, t),
+        "test": None if test is None else _metrics(test, test.probs, t),
+        "runs": [_run_record(r, i, scores, windows) for i, r in enumerate(loaded)],
+        "cache_fingerprint": reader.fingerprint,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions(out / "predictions.csv", scores, t)
+    if order is not None:
+        priv = scores.get("private")
+        probs = dict(zip(priv.video_ids, priv.probs.tolist())) if priv is not None else {}
+        write_submission(out, order, probs, t)
+        if warn is not None:
+            if order.missing:
+                warn(f"{len(order.missing)} private video(s) missing from the cache got placeholder lines "
+                     f"(p1 = {PLACEHOLDER_P1:.4f}): {', '.join(order.missing)}")
+            if order.extra:
+                warn(f"{len(order.extra)} private video(s) of the cache are not in {order.source}: left out")
+            if order.problems:
+                warn(f"{order.source}: {len(order.problems)} line(s) could not be read: {order.problems[0]}")
+            if order.source.startswith("cache"):
+                warn("submission lines follow the cache's video_id order; pass --data ROOT to follow the "
+                     "private split file's order")
+    _write_json(out / "metrics.json", record)
+    return record
+
+
+def _run_record(run, i: int, scores: dict[str, SplitScores], windows: int) -> dict:
+    """One member: where it is, its alpha/threshold, and its own scores at its own threshold."""
+    rec = {"path": str(run.path), "alpha": run.alpha if run.model_config.has_text else 0.0,
+           "threshold": run.threshold, "windows": windows, "modalities": run.model_config.modalities,
+           "label_smoothing": run.train_config.label_smoothing}
+    for split in ("val", "test"):
+        s = scores.get(split)
+        m = None if s is None else _metrics(s, s.per_run[i], run.threshold)
+        rec[split] = None if m is None else {k: m[k] for k in ("macro_f1", "f1_ah", "f1_noah", "ap", "accuracy")}
+    return rec
+
+
+__all__ = ["EnsembleError", "run_ensemble", "format_pair", "quantise", "layers_needed", "load_runs",
+           "private_order", "private_split_file", "write_submission", "score_splits", "tune_threshold",
+           "PrivateOrder", "SplitScores", "DECIMALS", "WITH_PROBS", "NO_PROBS"]

@@ -1,0 +1,575 @@
+"""`ahcli report`: PNG plots and a `report.md` for a run folder, an ensemble folder or an ablation folder.
+
+What is drawn depends on what the folder holds:
+- run folder (`train-heads` / `finetune`): training curves from history.csv (train and val loss, val Macro F1
+  per epoch, the chosen epoch marked); with the cache (--cache, or the path recorded in config.json) the run
+  scores val and test, giving Macro F1 against the threshold on val (the chosen threshold marked), confusion
+  matrices for val and test and precision-recall curves.
+- ensemble folder (`ahcli ensemble`): the same threshold / confusion / PR plots from predictions.csv (no
+  cache needed) and the training curves of each member run that is still on disk.
+- ablation folder (`ahcli ablate`): one bar chart per table of ablation.csv (modality subsets first), mean
+  Macro F1 / F1-AH / F1-NoAH with the std over seeds as error bars.
+Everything is drawn on matplotlib `Figure` objects with the Agg canvas: no display, no pyplot state.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from extract.errors import AHError
+
+REPORT_FILE = "report.md"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DPI = 100
+CLASS_NAMES = ("No A/H", "A/H")
+METRIC_LABELS = {"macro_f1": "Macro F1", "f1_ah": "F1-AH", "f1_noah": "F1-NoAH"}
+MODALITY_ORDER = ("v", "a", "t", "va", "vt", "at", "vat")
+
+
+class ReportError(AHError):
+    """A folder that is neither a run, an ensemble nor an ablation, or a run whose cache cannot be found."""
+
+
+@dataclass
+class SplitPredictions:
+    """Probabilities and labels of the labelled videos of one split."""
+    split: str
+    probs: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class ReportResult:
+    folder: Path
+    kind: str                                   # 'run', 'ensemble' or 'ablation'
+    report: Path
+    images: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- folder kinds ----------------------------------------------------------------------------------
+
+
+def folder_kind(folder: Path) -> str:
+    """'ablation' (ablation.csv), 'ensemble' (predictions.csv + metrics.json) or 'run' (config.json)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ReportError(f"{folder}: folder not found")
+    if (folder / "ablation.csv").is_file():
+        return "ablation"
+    if (folder / "predictions.csv").is_file() and (folder / "metrics.json").is_file():
+        return "ensemble"
+    if (folder / "config.json").is_file():
+        return "run"
+    raise ReportError(f"{folder}: not a run folder (config.json), an ensemble folder (predictions.csv + "
+                      "metrics.json) or an ablation folder (ablation.csv)")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path}: not readable JSON ({exc})") from exc
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ReportError(f"{path}: not a readable CSV file ({exc})") from exc
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+
+
+def _figure(width: float = 6.0, height: float = 4.0):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, format="png", dpi=DPI)
+    return path
+
+
+def plot_training_curves(history: Sequence[dict[str, float]], best_epoch: int, path: Path, title: str = "") -> Path:
+    """Train/val loss and val Macro F1 per epoch; the chosen (best) epoch marked on both panels."""
+    epochs = [int(h["epoch"]) for h in history]
+    fig = _figure(7.0, 3.4)
+    ax_loss, ax_f1 = fig.subplots(1, 2)
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    if all("val_loss" in h for h in history):
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], label="val loss")
+    ax_f1.plot(epochs, [h["val_macro_f1"] for h in history], color="tab:green", label="val Macro F1")
+    for ax in (ax_loss, ax_f1):
+        ax.axvline(best_epoch, color="tab:red", linestyle="--", linewidth=1, label=f"chosen epoch {best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    best = [h["val_macro_f1"] for h in history if int(h["epoch"]) == best_epoch]
+    if best:
+        ax_f1.plot([best_epoch], best, "o", color="tab:red")
+    ax_loss.set_ylabel("loss")
+    ax_f1.set_ylabel("Macro F1")
+    ax_f1.set_ylim(0, 1)
+    fig.suptitle(title or "training curves", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_threshold_curve(val: SplitPredictions, threshold: float, path: Path,
+                         sweep: tuple[float, float] = (0.25, 0.75)) -> Path:
+    """Macro F1 on val against the decision threshold; the swept range shaded, the chosen threshold marked."""
+    from heads.metrics import macro_f1_at, thresholds
+
+    ths = thresholds(0.01, 0.99, 0.01)
+    f1 = macro_f1_at(val.probs, val.labels, ths)
+    at = float(macro_f1_at(val.probs, val.labels, np.array([threshold]))[0])
+    fig = _figure()
+    ax = fig.subplots()
+    ax.axvspan(*sweep, color="tab:blue", alpha=0.08, label=f"swept range [{sweep[0]:.2f}, {sweep[1]:.2f}]")
+    ax.plot(ths, f1, label="val Macro F1")
+    ax.axvline(threshold, color="tab:red", linestyle="--", linewidth=1)
+    ax.plot([threshold], [at], "o", color="tab:red", label=f"chosen threshold {threshold:.2f} (F1 {at:.3f})")
+    ax.set_xlabel("threshold (A/H when p >= threshold)")
+    ax.set_ylabel("Macro F1")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Macro F1 against the threshold on val ({len(val.labels)} videos)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_confusion(pred: SplitPredictions, threshold: float, path: Path) -> Path:
+    """Confusion matrix (counts; rows truth, columns prediction) at the threshold."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig = _figure(4.2, 3.6)
+    ax = fig.subplots()
+    y_pred = (pred.probs >= threshold).astype(int)
+    ConfusionMatrixDisplay.from_predictions(pred.labels.astype(int), y_pred, labels=[0, 1],
+                                            display_labels=list(CLASS_NAMES), ax=ax, colorbar=False,
+                                            cmap="Blues")
+    ax.set_title(f"{pred.split}: {len(pred.labels)} videos, threshold {threshold:.2f}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_pr_curves(preds: Sequence[SplitPredictions], path: Path) -> Path:
+    """Precision-recall curve of the A/H class per split; AP by the organisers' definition in the legend."""
+    from sklearn.metrics import precision_recall_curve
+
+    from heads.metrics import average_precision
+
+    fig = _figure()
+    ax = fig.subplots()
+    for p in preds:
+        if p.labels.sum() == 0:
+            continue
+        precision, recall, _ = precision_recall_curve(p.labels.astype(int), p.probs)
+        ap = average_precision(p.probs, p.labels)
+        ax.step(recall, precision, where="post", label=f"{p.split} (AP {ap:.3f})")
+    ax.axhline(float(np.mean(np.concatenate([p.labels for p in preds]))), color="grey", linestyle=":",
+               linewidth=1, label="share of A/H (chance)")
+    ax.set_xlabel("recall (A/H)")
+    ax.set_ylabel("precision (A/H)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("precision-recall, A/H class", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_ablation_bars(rows: Sequence["AblationRow"], path: Path, title: str) -> Path:
+    """Grouped bars per setting (Macro F1, F1-AH, F1-NoAH), std over seeds as error bars."""
+    metrics = [m for m in METRIC_LABELS if any(m in r.mean for r in rows)]
+    fig = _figure(max(5.0, 0.9 * len(rows) + 2.0), 3.8)
+    ax = fig.subplots()
+    x = np.arange(len(rows))
+    width = 0.8 / max(len(metrics), 1)
+    for k, m in enumerate(metrics):
+        means = [r.mean.get(m, np.nan) for r in rows]
+        stds = [r.std.get(m, 0.0) for r in rows]
+        ax.bar(x + (k - (len(metrics) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
+               label=METRIC_LABELS[m])
+    ax.set_xticks(x, [r.setting for r in rows], rotation=30 if len(rows) > 6 else 0, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (mean ± std over seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncols=len(metrics))
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+# ---- reading predictions ---------------------------------------------------------------------------
+
+
+def predictions_from_csv(path: Path) -> dict[str, SplitPredictions]:
+    """predictions.csv of an ensemble -> labelled probabilities per split."""
+    by_split: dict[str, tuple[list[float], list[float]]] = {}
+    for i, row in enumerate(_read_csv(path), start=2):
+        if not row.get("label"):
+            continue
+        try:
+            p, y = float(row["probability"]), float(row["label"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReportError(f"{path} line {i}: expected probability and label columns ({exc})") from exc
+        probs, labels = by_split.setdefault(row.get("split", "?"), ([], []))
+        probs.append(p)
+        labels.append(y)
+    return {s: SplitPredictions(s, np.array(p), np.array(y)) for s, (p, y) in by_split.items()}
+
+
+def predictions_from_run(run_dir: Path, cache: Path, windows: int = 5, device: str = "auto",
+                         splits: Sequence[str] = ("val", "test")) -> tuple[dict[str, SplitPredictions], Any]:
+    """Score a run over its cache (the same inference as `ahcli evaluate`): per split, and the loaded run."""
+    from extract.store import CacheReader
+    from heads.checkpoint import load_run
+    from heads.data import resolve_device
+    from heads.ensemble import cache_splits, score_splits
+
+    reader = CacheReader(cache)
+    run = load_run(run_dir, cache=reader, device=resolve_device(device))
+    present = [s for s in splits if s in cache_splits(reader)]
+    scores = score_splits(reader, [run], present, windows, device)
+    out = {}
+    for split, s in scores.items():
+        keep = s.labelled
+        if keep.any():
+            out[split] = SplitPredictions(split, s.per_run[0][keep], s.labels[keep])
+    return out, run
+
+
+def run_cache_path(run_dir: Path, cache: Path | None) -> Path | None:
+    """The cache to score a run on: the one given, else the one recorded in its config.json (if it exists)."""
+    if cache is not None:
+        return Path(cache)
+    cfg = _read_json(Path(run_dir) / "config.json")
+    recorded = ((cfg.get("cache") or {}) if isinstance(cfg, dict) else {}).get("path")
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    return None
+
+
+# ---- ablation.csv ----------------------------------------------------------------------------------
+
+
+@dataclass
+class AblationRow:
+    table: str
+    setting: str
+    mean: dict[str, float]
+    std: dict[str, float]
+    seeds: int | None = None
+
+
+_SETTING_KEYS = ("setting", "modalities", "config", "variant", "name", "cell", "row", "value")
+_TABLE_KEYS = ("table", "group", "ablation", "factor", "study")
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        f = float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+    return None if f is None or math.isnan(f) else f
+
+
+def _metric_columns(header: Sequence[str], metric: str) -> tuple[str | None, str | None]:
+    """(mean column, std column) of a metric in an ablation header, e.g. macro_f1_mean / macro_f1_std."""
+    mean = std = None
+    for col in header:
+        norm = re.sub(r"[^a-z0-9]+", "_", col.lower()).strip("_")
+        if not norm.startswith(metric):
+            continue
+        rest = norm[len(metric):].strip("_")
+        if rest in ("", "mean", "avg"):
+            mean = mean or col
+        elif rest in ("std", "sd", "stdev"):
+            std = std or col
+    return mean, std
+
+
+TABLE_TITLES = {"4": "Table 4: components", "5": "Table 5: modality subsets", "6": "Table 6: inference settings"}
+
+
+def _keep_rows(rows: list[dict[str, str]], lower: dict[str, str]) -> tuple[list[dict[str, str]], str | None]:
+    """The aggregated rows of one split: test when present (else val); 'mean' rows when seeds are listed too."""
+    split_col, seed_col = lower.get("split"), lower.get("seed")
+    split = None
+    if split_col:
+        have = {r.get(split_col) for r in rows}
+        split = "test" if "test" in have else ("val" if "val" in have else None)
+        if split:
+            rows = [r for r in rows if r.get(split_col) == split]
+    if seed_col and any(r.get(seed_col) == "mean" for r in rows):
+        rows = [r for r in rows if r.get(seed_col) == "mean"]
+    return rows, split
+
+
+def read_ablation(path: Path) -> list[AblationRow]:
+    """ablation.csv -> rows (table, setting, mean/std per metric) of the test split (else val), aggregated
+    over seeds when the file lists the seeds too; column names are matched loosely."""
+    rows = _read_csv(path)
+    if not rows:
+        raise ReportError(f"{path}: no rows")
+    header = list(rows[0].keys())
+    lower = {c.lower(): c for c in header}
+    table_col = next((lower[k] for k in _TABLE_KEYS if k in lower), None)
+    setting_col = next((lower[k] for k in _SETTING_KEYS if k in lower and lower[k] != table_col), None)
+    cols = {m: _metric_columns(header, m) for m in METRIC_LABELS}
+    if setting_col is None or cols["macro_f1"][0] is None:
+        raise ReportError(f"{path}: expected a setting column ({'/'.join(_SETTING_KEYS)}) and a Macro F1 column "
+                          f"(macro_f1 or macro_f1_mean); found {', '.join(header)}")
+    rows, split = _keep_rows(rows, lower)
+    seeds_col = lower.get("n_seeds") or lower.get("seeds")
+    out = []
+    for r in rows:
+        mean = {m: v for m, (c, _) in cols.items() if c and (v := _float(r.get(c))) is not None}
+        std = {m: v for m, (_, c) in cols.items() if c and (v := _float(r.get(c))) is not None}
+        seeds = _float(r.get(seeds_col)) if seeds_col else None
+        table = str(r.get(table_col, "")) if table_col else ""
+        table = TABLE_TITLES.get(table, table)
+        if split:
+            table = f"{table} ({split} split)" if table else f"{split} split"
+        setting = str(r.get(setting_col, "")).removeprefix("modality=")
+        out.append(AblationRow(table, setting, mean, std, int(seeds) if seeds is not None else None))
+    return out
+
+
+def _is_modality_setting(setting: str) -> bool:
+    s = setting.strip().lower().replace("+", "").replace("-", "").replace(" ", "")
+    return bool(s) and set(s) <= set("vat") and len(set(s)) == len(s)
+
+
+def _modality_key(setting: str) -> str:
+    s = setting.strip().lower().replace("+", "").replace("-", "").replace(" ", "")
+    return "".join(c for c in "vat" if c in s)
+
+
+def ablation_groups(rows: Sequence[AblationRow]) -> list[tuple[str, list[AblationRow]]]:
+    """Rows grouped by table (modality subsets first, in the paper's order)."""
+    groups: dict[str, list[AblationRow]] = {}
+    for r in rows:
+        groups.setdefault(r.table, []).append(r)
+    ordered = []
+    for table, members in groups.items():
+        if all(_is_modality_setting(m.setting) for m in members):
+            rank = {k: i for i, k in enumerate(MODALITY_ORDER)}
+            members = sorted(members, key=lambda m: rank.get(_modality_key(m.setting), 99))
+            ordered.insert(0, (table, members))
+        else:
+            ordered.append((table, members))
+    return ordered
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "table"
+
+
+# ---- report.md -------------------------------------------------------------------------------------
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+def _metrics_table(rows: Sequence[tuple[str, dict | None]]) -> list[str]:
+    lines = ["| | Macro F1 | F1-AH | F1-NoAH | AP | accuracy | videos |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in rows:
+        if not m:
+            continue
+        lines.append(f"| {name} | {_fmt(m.get('macro_f1'))} | {_fmt(m.get('f1_ah'))} | {_fmt(m.get('f1_noah'))} | "
+                     f"{_fmt(m.get('ap'))} | {_fmt(m.get('accuracy'))} | {_fmt(m.get('videos'))} |")
+    return lines
+
+
+def _img(lines: list[str], images: list[Path], path: Path, caption: str) -> None:
+    images.append(path)
+    lines += [f"![{caption}]({path.name})", ""]
+
+
+def _prediction_plots(folder: Path, preds: dict[str, SplitPredictions], threshold: float, lines: list[str],
+                      images: list[Path], notes: list[str]) -> None:
+    if "val" in preds:
+        lines += ["## Threshold", "", f"Chosen threshold {threshold:.2f}, tuned on val in [0.25, 0.75].", ""]
+        _img(lines, images, plot_threshold_curve(preds["val"], threshold, folder / "threshold.png"),
+             "Macro F1 against the threshold on val")
+    else:
+        notes.append("no labelled val videos: no threshold plot")
+    shown = [s for s in ("val", "test") if s in preds]
+    if shown:
+        lines += ["## Confusion matrices", "", "Rows: truth, columns: prediction, at the chosen threshold.", ""]
+        for s in shown:
+            _img(lines, images, plot_confusion(preds[s], threshold, folder / f"confusion_{s}.png"),
+                 f"confusion matrix, {s}")
+        lines += ["## Precision-recall", "",
+                  "AP in the legend follows the organisers' definition (trapezoid over thresholds 0..1 step 0.001).", ""]
+        _img(lines, images, plot_pr_curves([preds[s] for s in shown], folder / "pr.png"), "precision-recall curves")
+
+
+def _run_curves(run_dir: Path, out: Path, name: str) -> Path | None:
+    hist_path, metrics_path = run_dir / "history.csv", run_dir / "metrics.json"
+    if not hist_path.is_file() or not metrics_path.is_file():
+        return None
+    from heads.checkpoint import read_history
+
+    history = read_history(hist_path)
+    if not history:
+        return None
+    best = int(_read_json(metrics_path).get("best_epoch", history[-1]["epoch"]))
+    return plot_training_curves(history, best, out, title=f"{name}: training curves (chosen epoch {best})")
+
+
+def report_run(folder: Path, cache: Path | None = None, windows: int = 5, device: str = "auto") -> ReportResult:
+    folder = Path(folder)
+    metrics_path = folder / "metrics.json"
+    if not metrics_path.is_file():
+        raise ReportError(f"{folder}: run is incomplete (metrics.json missing); finish it with --resume")
+    metrics = _read_json(metrics_path)
+    lines = [f"# Run report: {folder.name}", ""]
+    images: list[Path] = []
+    notes: list[str] = []
+    cfg = _read_json(folder / "config.json")
+    model = cfg.get("model", {}) if isinstance(cfg, dict) else {}
+    train = cfg.get("train", {}) if isinstance(cfg, dict) else {}
+    lines += [f"Modalities `{model.get('modalities', '?')}`, conflict features "
+              f"{'on' if model.get('conflict', True) else 'off'}, label smoothing {train.get('label_smoothing', '?')}, "
+              f"best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, threshold "
+              f"{_fmt(metrics.get('threshold'))}, alpha {_fmt(metrics.get('alpha'))}.", ""]
+    curves = _run_curves(folder, folder / "curves.png", folder.name)
+    if curves is not None:
+        lines += ["## Training curves", ""]
+        _img(lines, images, curves, "training curves")
+    where = run_cache_path(folder, cache)
+    table = [("val (at training)", metrics.get("val"))]
+    if where is None:
+        notes.append("no cache given and the recorded one is not on disk: pass --cache CACHE for the "
+                     "threshold, confusion and precision-recall plots")
+    else:
+        preds, run = predictions_from_run(folder, where, windows=windows, device=device)
+        threshold = float(run.threshold)
+        table = [(s, _split_metrics(p, threshold)) for s, p in preds.items()]
+        _prediction_plots(folder, preds, threshold, lines, images, notes)
+    lines[4:4] = ["## Scores", "", *_metrics_table(table), ""]
+    return _finish(folder, "run", lines, images, notes)
+
+
+def _split_metrics(p: SplitPredictions, threshold: float) -> dict:
+    from heads.metrics import bah_metrics
+
+    return bah_metrics(p.labels, probs=p.probs, threshold=threshold)
+
+
+def report_ensemble(folder: Path) -> ReportResult:
+    folder = Path(folder)
+    metrics = _read_json(folder / "metrics.json")
+    if not isinstance(metrics, dict) or "threshold" not in metrics:
+        raise ReportError(f"{folder / 'metrics.json'}: no threshold (not an ensemble's metrics.json)")
+    threshold = float(metrics["threshold"])
+    preds = predictions_from_csv(folder / "predictions.csv")
+    lines = [f"# Ensemble report: {folder.name}", ""]
+    images: list[Path] = []
+    notes: list[str] = []
+    members = metrics.get("runs") or []
+    table = [(s, metrics.get(s)) for s in ("val", "test")]
+    lines += ["## Scores", "", *_metrics_table([(f"ensemble, {s}", m) for s, m in table]), ""]
+    if members:
+        lines += ["## Members", "", "| run | modalities | label smoothing | threshold | val Macro F1 | test Macro F1 |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in members:
+            lines.append(f"| `{Path(r.get('path', '?')).name}` | {r.get('modalities', '?')} | "
+                         f"{_fmt(r.get('label_smoothing'))} | {_fmt(r.get('threshold'))} | "
+                         f"{_fmt((r.get('val') or {}).get('macro_f1'))} | {_fmt((r.get('test') or {}).get('macro_f1'))} |")
+        lines.append("")
+    _prediction_plots(folder, preds, threshold, lines, images, notes)
+    curves_done = False
+    for i, r in enumerate(members):
+        run_dir = Path(r.get("path", ""))
+        png = _run_curves(run_dir, folder / f"curves_{i}_{_slug(run_dir.name)}.png", run_dir.name) \
+            if run_dir.is_dir() else None
+        if png is None:
+            notes.append(f"member {run_dir}: no history on disk, no training curves")
+            continue
+        if not curves_done:
+            lines += ["## Training curves of the members", ""]
+            curves_done = True
+        _img(lines, images, png, f"training curves of {run_dir.name}")
+    return _finish(folder, "ensemble", lines, images, notes)
+
+
+def report_ablation(folder: Path) -> ReportResult:
+    folder = Path(folder)
+    rows = read_ablation(folder / "ablation.csv")
+    lines = [f"# Ablation report: {folder.name}", ""]
+    if (folder / "ablation.md").is_file():
+        lines += ["The full tables are in [ablation.md](ablation.md).", ""]
+    images: list[Path] = []
+    for k, (table, members) in enumerate(ablation_groups(rows)):
+        name = table or "ablation"
+        seeds = {m.seeds for m in members if m.seeds}
+        n = f"{min(seeds)}" if seeds and min(seeds) == max(seeds) else (f"{min(seeds)}-{max(seeds)}" if seeds else "")
+        title = name + (f", {n} seed(s)" if n else "")
+        png = plot_ablation_bars(members, folder / f"ablation_{k}_{_slug(name)}.png", title)
+        lines += [f"## {name}", "", "| setting | " + " | ".join(METRIC_LABELS.values()) + " |",
+                  "|---|" + "---:|" * len(METRIC_LABELS)]
+        for m in members:
+            cells = [f"{m.mean[x]:.4f} ± {m.std.get(x, 0.0):.4f}" if x in m.mean else "-" for x in METRIC_LABELS]
+            lines.append(f"| {m.setting} | " + " | ".join(cells) + " |")
+        lines.append("")
+        _img(lines, images, png, f"{name} bar chart")
+    return _finish(folder, "ablation", lines, images, [])
+
+
+def _finish(folder: Path, kind: str, lines: list[str], images: list[Path], notes: list[str]) -> ReportResult:
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    path = folder / REPORT_FILE
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return ReportResult(folder, kind, path, images, notes)
+
+
+def write_report(folder: Path, cache: Path | None = None, windows: int = 5, device: str = "auto",
+                 preface: Sequence[str] = ()) -> ReportResult:
+    """Write the PNGs and report.md of a run, ensemble or ablation folder. `preface`: lines put under the
+    title (e.g. the demo's note that its data are synthetic)."""
+    kind = folder_kind(folder)
+    if kind == "ablation":
+        res = report_ablation(folder)
+    elif kind == "ensemble":
+        res = report_ensemble(folder)
+    else:
+        res = report_run(folder, cache=cache, windows=windows, device=device)
+    if preface:
+        text = res.report.read_text(encoding="utf-8").split("\n")
+        res.report.write_text("\n".join(text[:2] + list(preface) + [""] + text[2:]), encoding="utf-8")
+    return res
+
+
+def is_png(path: Path) -> bool:
+    """True for a non-empty file that starts with the PNG signature."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size <= len(PNG_SIGNATURE):
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+
+
+def linked_files(report: Path) -> list[str]:
+    """Relative targets of the Markdown links and images in a report."""
+    text = Path(report).read_text(encoding="utf-8")
+    return [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t]
+
+
+__all__ = ["ReportError", "ReportResult", "SplitPredictions", "AblationRow", "write_report", "folder_kind",
+           "report_run", "report_ensemble", "report_ablation", "read_ablation", "predictions_from_csv",
+           "predictions_from_run", "plot_training_curves", "plot_threshold_curve", "plot_confusion",
+           "plot_pr_curves", "plot_ablation_bars", "is_png", "linked_files", "REPORT_FILE"]

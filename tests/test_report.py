@@ -1,0 +1,175 @@
+"""`ahcli report`: real PNGs and a report.md whose links resolve, for a run, an ensemble and an ablation."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import report_case
+from heads.report import PNG_SIGNATURE, ReportError, is_png, linked_files, plot_ablation_bars, read_ablation, write_report
+
+
+@pytest.fixture(scope="session")
+def case(synth_tree, tiny_specs, tmp_path_factory):
+    return report_case.build(synth_tree[0], tiny_specs["zarr"], tmp_path_factory)
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a run folder (reports write into the folder; the shared one stays untouched)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _check_report(folder: Path, expected_pngs: set[str]) -> str:
+    report = folder / "report.md"
+    assert report.is_file()
+    links = linked_files(report)
+    for name in expected_pngs:
+        assert name in links, f"{name} not referenced in report.md"
+    for target in links:
+        path = folder / target
+        assert path.is_file(), f"report.md links to a missing file {target}"
+        if target.endswith(".png"):
+            assert is_png(path), f"{target} is not a valid PNG"
+            with open(path, "rb") as fh:
+                assert fh.read(8) == PNG_SIGNATURE
+    return report.read_text(encoding="utf-8")
+
+
+def test_run_report_writes_valid_pngs_and_scores(case, tmp_path):
+    run = _copy_run(case.run_b, tmp_path / "B")
+    res = write_report(run, cache=case.cache, device="cpu")
+    assert res.kind == "run"
+    text = _check_report(run, {"curves.png", "threshold.png", "confusion_val.png", "confusion_test.png", "pr.png"})
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert f"{metrics['threshold']:.2f}" in text
+    # the test row of the table is what `evaluate` computes for this run
+    from extract.store import CacheReader
+    from heads.checkpoint import load_run
+    from heads.data import load_split
+    from heads.infer import evaluate_split
+
+    reader = CacheReader(case.cache)
+    ev = evaluate_split(load_run(run, cache=reader), load_split(reader, "test", device="cpu"), windows=5)
+    row = next(line for line in text.splitlines() if line.startswith("| test |"))
+    assert f"{ev['metrics']['macro_f1']:.4f}" in row
+
+
+def test_run_report_without_cache_says_so(case, tmp_path):
+    run = _copy_run(case.run_b, tmp_path / "B")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["cache"]["path"] = str(tmp_path / "gone")
+    (run / "config.json").write_text(json.dumps(cfg))
+    res = write_report(run, device="cpu")
+    assert [p.name for p in res.images] == ["curves.png"]
+    assert any("--cache" in n for n in res.notes)
+    _check_report(run, {"curves.png"})
+
+
+def test_ensemble_report_reads_predictions_and_members(case, tmp_path):
+    import shutil
+
+    ens = tmp_path / "ens"
+    shutil.copytree(case.ensemble, ens)
+    res = write_report(ens, preface=["SYNTHETIC NOTE"])
+    assert res.kind == "ensemble"
+    text = _check_report(ens, {"threshold.png", "confusion_val.png", "confusion_test.png", "pr.png"})
+    assert text.splitlines()[2] == "SYNTHETIC NOTE"
+    curves = [p for p in res.images if p.name.startswith("curves_")]
+    assert len(curves) == 2 and all(is_png(p) for p in curves)         # both members' training curves
+    metrics = json.loads((ens / "metrics.json").read_text())
+    assert f"{metrics['test']['macro_f1']:.4f}" in text
+    # the confusion matrix counts of the test split match predictions.csv at the threshold
+    rows = list(csv.DictReader(open(ens / "predictions.csv")))
+    test = [r for r in rows if r["split"] == "test"]
+    assert len(test) == metrics["test"]["videos"]
+
+
+def _ablation_csv(path: Path) -> None:
+    """An ablation.csv in `ahcli ablate`'s format: per-seed rows and the aggregated 'mean' rows."""
+    cols = ["table", "config", "split", "seed", "n_seeds", "macro_f1", "macro_f1_std", "f1_ah", "f1_ah_std",
+            "f1_noah", "f1_noah_std"]
+    rows = []
+    for k, m in enumerate(["v", "a", "t", "vat"]):
+        for split in ("val", "test"):
+            rows.append(["5", f"modality={m}", split, "0", "1", 0.5 + 0.1 * k, "", 0.5, "", 0.5, ""])
+            rows.append(["5", f"modality={m}", split, "mean", "2", 0.5 + 0.1 * k, 0.02 * (k + 1), 0.4 + 0.1 * k,
+                         0.01, 0.6, 0.03])
+    rows.append(["6", "windows=1", "test", "mean", "2", 0.7, 0.05, 0.7, 0.05, 0.7, 0.05])
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols)
+        w.writerows(rows)
+
+
+def test_read_ablation_keeps_aggregated_test_rows(tmp_path):
+    _ablation_csv(tmp_path / "ablation.csv")
+    rows = read_ablation(tmp_path / "ablation.csv")
+    modal = [r for r in rows if r.table.startswith("Table 5")]
+    assert [r.setting for r in modal] == ["v", "a", "t", "vat"]
+    assert all("test split" in r.table for r in rows)
+    vat = modal[-1]
+    assert vat.mean["macro_f1"] == pytest.approx(0.8) and vat.std["macro_f1"] == pytest.approx(0.08)
+    assert vat.seeds == 2
+
+
+def test_ablation_report_bar_charts(tmp_path):
+    _ablation_csv(tmp_path / "ablation.csv")
+    res = write_report(tmp_path)
+    assert res.kind == "ablation"
+    assert len(res.images) == 2                              # table 5 (modality subsets) first, then table 6
+    assert "table-5" in res.images[0].name
+    text = _check_report(tmp_path, {p.name for p in res.images})
+    assert "| vat | 0.8000 ± 0.0800 |" in text
+
+
+def test_ablation_report_from_run_ablation(case, tmp_path):
+    from heads.ablate import run_ablation
+
+    out = tmp_path / "abl"
+    run_ablation(case.cache, out, seeds=1, quick=True, windows=5, device="cpu",
+                 base={"dim": 16, "head_hidden": 16, "epochs": 2, "patience": 2, "lr": 3e-3, "batch_size": 8,
+                       "accum": 1})
+    res = write_report(out)
+    text = _check_report(out, {p.name for p in res.images})
+    for setting in ("| v |", "| a |", "| t |", "| vat |"):
+        assert setting in text
+
+
+def test_bar_chart_is_a_png(tmp_path):
+    from heads.report import AblationRow
+
+    rows = [AblationRow("t", s, {"macro_f1": 0.6, "f1_ah": 0.5, "f1_noah": 0.7}, {"macro_f1": 0.05}) for s in "vat"]
+    path = plot_ablation_bars(rows, tmp_path / "bars.png", "title")
+    assert is_png(path) and path.stat().st_size > 1000
+
+
+def test_is_png_rejects_other_files(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"GIF89a" + b"\0" * 100)
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert not is_png(tmp_path / "x.png")
+    assert not is_png(tmp_path / "empty.png")
+    assert not is_png(tmp_path / "missing.png")
+
+
+def test_not_a_report_folder(tmp_path):
+    with pytest.raises(ReportError, match="not a run folder"):
+        write_report(tmp_path)
+
+
+def test_cli_report(case, tmp_path):
+    from ahcli.app import app
+
+    run = _copy_run(case.run_b, tmp_path / "B")
+    res = CliRunner().invoke(app, ["report", str(run), "--cache", str(case.cache), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"run report: .*report\.md \(5 PNG plots\)", res.output.replace("\n", ""))
+    bad = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
+    assert bad.exit_code != 0
+    assert "folder not found" in str(bad.exception)
