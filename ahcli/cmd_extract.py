@@ -56,7 +56,7 @@ def extract_cmd(
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 reports under torchrun
         return
     console.print(f"extracted {summary.extracted} videos ({summary.clips} clips, {summary.clips_per_s:.1f} clips/s), "
-                  f"skipped {summary.skipped} already complete, failed {len(summary.failed)}")
+                  f"skipped {summary.skipped} already complete, failed {len(summary.failed)}", soft_wrap=True)
     for video_id, message in summary.notes:  # odd inputs that were still extracted (no audio track, ...)
         console.print(f"  [yellow]note[/] {video_id}: {message}", highlight=False, soft_wrap=True)
     for video_id, message in sorted(summary.failed.items()):

@@ -401,6 +401,7 @@ def load_split(
     if not ids:
         raise DataError(f"{_where(reader)}: split {split!r} has no complete videos in the cache")
     layers = tuple(layers)
+    _check_layers(reader, layers)
     want_window = _want_text_window(reader, text_window) and "text" in modalities
     keys = [f"{m}/{layer}" for m in modalities for layer in layers]
     if want_window and layers:
@@ -454,6 +455,19 @@ def load_split(
             getattr(data, kind)[layer].parts = _parts(seg_lengths[kind])
     target = placement(data.nbytes(), resolve_device(device))
     return data.to(target) if target.type != "cpu" else data
+
+
+def _check_layers(reader, layers: Sequence[str]) -> None:
+    """One clear line when the cache's spec does not store a requested layer."""
+    cached = ((getattr(reader, "spec", None) or {}).get("layers"))
+    if cached is None:
+        return
+    missing = [x for x in layers if x not in cached]
+    if missing:
+        hint = (" (fine-tuned runs read 'prefix': re-extract with it in the spec's layers, or evaluate them with "
+                "--data ROOT on the raw media)" if "prefix" in missing else "")
+        raise DataError(f"{_where(reader)}: the cache holds no {', '.join(map(repr, missing))} layer "
+                        f"(cached: {', '.join(cached)}){hint}")
 
 
 def _want_text_window(reader, requested: bool | None) -> bool:

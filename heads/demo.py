@@ -282,7 +282,8 @@ class Demo:
         from heads.train import TrainConfig, train_heads
 
         reader = self._reader()
-        layers = ("last", "prefix") if unfreeze_top else ("last",)
+        # A and B share one load: with the fast path available, both layers (B reads only 'last')
+        layers = ("last", "prefix") if unfreeze_available(reader.spec)[0] else ("last",)
         train, val = self._split("train", layers), self._split("val", layers)
         base = self.opts.base()
         mcfg = ModelConfig(input_dims=train.dims("last"), modalities="vat", dim=base.pop("dim"),

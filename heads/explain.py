@@ -259,11 +259,12 @@ def explain_video(run_dir: Path, cache: Path, video_id: str, *, data_root: Path 
     from heads.checkpoint import load_run
     from heads.model import ConflictAwareModel, blend
     from heads.single import CachedVideo, load_video
+    from heads.topblocks import head_model_of
 
     reader = CacheReader(cache)
     run = load_run(run_dir, cache=reader, device="cpu")
     core = run.model
-    heads = getattr(core, "heads", core)           # a TopBlocksHeads (checkpoint A) wraps the pooled heads
+    heads = head_model_of(core)                     # checkpoint A: the pooled heads after the top blocks
     if not isinstance(heads, ConflictAwareModel):
         raise ExplainError(f"{run_dir}: explain reads pooled heads over cached tokens; this run's model is a "
                            f"{type(core).__name__}")

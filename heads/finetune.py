@@ -96,8 +96,7 @@ class LowerEncoders:
     def prefix(self, items: Sequence["RawItem"], text_source: str = "full") -> dict[str, Tokens]:
         """Prefix Tokens of decoded items: video (sum of windows, Lv, D) item-major; audio and text ragged
         per item (text per window when text_source is 'window') with their encoder-segment ids."""
-        from extract.encoders import (audio_forward, audio_segment_lengths, text_forward, text_segments,
-                                      video_forward)
+        from extract.encoders import audio_forward, audio_segment_lengths, text_segments, texts_forward, video_forward
 
         out: dict[str, Tokens] = {}
         spec, dev = self.spec, self.device
@@ -112,8 +111,8 @@ class LowerEncoders:
             out["audio"] = ragged_tokens(seqs, lens)
         if "text" in self.models:
             texts = [it.text for it in items] if text_source == "full" else [t for it in items for t in it.window_texts]
-            model = self.models["text"]
-            seqs = [text_forward(model, self.tokenizer, spec, t, ("last",), dev)["last"] for t in texts]
+            # All the batch's transcripts (or window transcripts) in right-padded batches: each equals its own run.
+            seqs = [o["last"] for o in texts_forward(self.models["text"], self.tokenizer, spec, texts, ("last",), dev)]
             lens = [[len(ids) for ids in text_segments(self.tokenizer, spec, t)] for t in texts]
             out["text"] = ragged_tokens(seqs, lens)
         return out
@@ -351,36 +350,31 @@ def read_finetune_data(data_root: Path, allow_symlinks: bool = False) -> Finetun
     return FinetuneData(train, val, list(ds.problems))
 
 
-def finetune(
-    data_root: str | Path,
-    spec_path: str | Path,
-    out: str | Path | None,
-    model_options: dict[str, Any],
-    cfg,
-    *,
-    workers: int = 2,
-    allow_symlinks: bool = False,
-    resume: bool = False,
-    stop_after: int | None = None,
-    on_epoch: Callable | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-    on_data: Callable[[FinetuneData], None] | None = None,
-    extra: dict[str, Any] | None = None,
-):
-    """Train checkpoint A end to end from the raw BAH tree; returns a heads.train.TrainResult whose model
-    is a TopBlocksHeads. `model_options` are heads.model.ModelConfig options except input_dims (taken from
-    the encoders); `cfg` a heads.train.TrainConfig with unfreeze_top >= 1."""
+@dataclass
+class Finetune:
+    """Everything `heads.train.fit` needs for the end-to-end path, built by `prepare_finetune`."""
+
+    learner: Any                    # heads.train.Learner over the raw media
+    lower: LowerEncoders            # the frozen lower blocks (not trained, not saved)
+    model_cfg: Any                  # heads.model.ModelConfig
+    spec: Any                       # the ExtractionSpec, with the encoders' weight ids
+    data: FinetuneData
+    cache: dict[str, Any]           # config.json's "cache": the spec's fingerprint (a cache made with it matches)
+    encoders: dict[str, Any]        # config.json's "encoders"
+
+
+def prepare_finetune(data_root: str | Path, spec_path: str | Path, model_options: dict[str, Any], cfg, *,
+                     workers: int = 2, allow_symlinks: bool = False) -> Finetune:
+    """Read the tree, load the encoders (lower part frozen, top blocks copied), build heads and data path."""
     from extract.spec import load_spec
     from heads.model import ModelConfig, build_model
     from heads.topblocks import TopBlocksHeads, encoders_record
-    from heads.train import Learner, fit
+    from heads.train import Learner
 
     if cfg.unfreeze_top < 1:
         raise FinetuneError("finetune: --unfreeze-top must be >= 1 (all-frozen training is `ahcli train-heads`)")
     spec = load_spec(spec_path)
     data = read_finetune_data(Path(data_root), allow_symlinks)
-    if on_data is not None:
-        on_data(data)
     device = resolve_device(cfg.device)
     mods = parse_modalities(str(model_options.get("modalities", "vat")))
     lower = LowerEncoders(spec, mods, cfg.unfreeze_top, device)
@@ -410,19 +404,48 @@ def finetune(
         return core(lower.prefix(mb.items, cfg.text_source))
 
     val_starts = [eval_starts(v, spec, cfg.eval_windows or None) for v in data.val]
-    w = len(val_starts[0])
-    valid = torch.ones(len(data.val), w, dtype=torch.bool)
+    valid = torch.ones(len(data.val), len(val_starts[0]), dtype=torch.bool)
 
     def val_logits(model):
         return raw_window_logits(model, lower, data.val, val_starts, valid, text_source=cfg.text_source,
                                  batch_size=cfg.eval_batch_size, amp=cfg.amp, workers=workers)
 
-    labels = lambda videos: torch.tensor([float(v.label) for v in videos], dtype=torch.float32)  # noqa: E731
+    def labels(videos) -> Tensor:
+        return torch.tensor([float(v.label) for v in videos], dtype=torch.float32)
+
     learner = Learner(core, forward, groups, val_logits, labels(data.train), labels(data.val))
     cache = {"fingerprint": spec.fingerprint(), "path": None, "data": str(Path(data_root).resolve())}
     encoders = encoders_record(spec, lower.hf_configs, cfg.unfreeze_top, source="raw")
-    return fit(learner, model_cfg, cfg, out, resume=resume, stop_after=stop_after, on_epoch=on_epoch,
-               on_step=on_step, cache=cache, extra=extra, encoders=encoders)
+    return Finetune(learner, lower, model_cfg, spec, data, cache, encoders)
+
+
+def finetune(
+    data_root: str | Path,
+    spec_path: str | Path,
+    out: str | Path | None,
+    model_options: dict[str, Any],
+    cfg,
+    *,
+    workers: int = 2,
+    allow_symlinks: bool = False,
+    resume: bool = False,
+    stop_after: int | None = None,
+    on_epoch: Callable | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    on_data: Callable[[FinetuneData], None] | None = None,
+    extra: dict[str, Any] | None = None,
+):
+    """Train checkpoint A end to end from the raw BAH tree; returns a heads.train.TrainResult whose model
+    is a TopBlocksHeads. `model_options` are heads.model.ModelConfig options except input_dims (taken from
+    the encoders); `cfg` a heads.train.TrainConfig with unfreeze_top >= 1. The run folder records the spec's
+    fingerprint as its cache fingerprint: a cache extracted with the same spec file matches it."""
+    from heads.train import fit
+
+    ft = prepare_finetune(data_root, spec_path, model_options, cfg, workers=workers, allow_symlinks=allow_symlinks)
+    if on_data is not None:
+        on_data(ft.data)
+    return fit(ft.learner, ft.model_cfg, cfg, out, resume=resume, stop_after=stop_after, on_epoch=on_epoch,
+               on_step=on_step, cache=ft.cache, extra=extra, encoders=ft.encoders)
 
 
 def _batch(items: list[RawItem], videos: Sequence) -> RawBatch:
@@ -436,6 +459,6 @@ def bench_top2_epoch(device: str = "auto", quick: bool = True) -> dict[str, Any]
     return run(device, quick)
 
 
-__all__ = ["finetune", "FinetuneError", "LowerEncoders", "RawMedia", "RawItem", "RawBatch", "truncate_top",
+__all__ = ["finetune", "prepare_finetune", "Finetune", "FinetuneError", "LowerEncoders", "RawMedia", "RawItem", "RawBatch", "truncate_top",
            "raw_window_logits", "eval_starts", "train_plan", "decode", "decoded", "bench_top2_epoch",
            "read_finetune_data", "FinetuneData"]

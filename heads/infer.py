@@ -95,7 +95,7 @@ def layers_needed(run, cache=None) -> tuple[str, ...]:
     cfg = run.train_config
     if not getattr(cfg, "unfreeze_top", 0):
         return (cfg.layer,)
-    cached = run.prefix_cached
+    cached = getattr(run, "prefix_cached", None)
     if cache is not None:
         from heads.topblocks import cache_prefix_problem
 
@@ -139,7 +139,7 @@ def require_inputs(run, cache=None) -> None:
 
         if cache_prefix_problem(getattr(cache, "spec", None), run.train_config.unfreeze_top) is not None:
             raise _no_prefix(run, f"the cache {getattr(cache, 'path', '')}".rstrip())
-    elif run.prefix_cached is False:
+    elif getattr(run, "prefix_cached", None) is False:
         raise _no_prefix(run, "the cache")
 
 

@@ -7,9 +7,9 @@ Both training paths share it, so they share weights, checkpoints and run folders
   run per step;
 - end to end (`finetune`, heads/finetune.py): the frozen lower blocks run on the raw media every step and
   produce the same prefix states (in fp32).
-Audio and text go through the blocks padded per batch, with a key-padding mask and the encoder-segment ids
-(`Tokens.parts`), so attention stays within what the encoder saw together: the result equals the full
-encoder's output exactly (tested), long recordings and transcripts included.
+Audio and text go through the blocks one row per encoder segment (`Tokens.parts`), padded with a key mask,
+so attention stays within what the encoder saw together: the result equals the full encoder's output
+exactly (tested), long recordings and transcripts included.
 
 A run folder of such a model holds, beside the heads' model.safetensors, `encoder_top.safetensors` (the
 blocks' weights, keys '<modality>.<TopBlocks key>') and a config.json section "encoders" with the block
@@ -87,18 +87,23 @@ def tops_of(model: nn.Module) -> nn.ModuleDict | None:
 
 
 def apply_top(top: nn.Module, tokens: Tokens) -> Tokens:
-    """Run a TopBlocks over Tokens. Video clips are fixed-length (B, L, D); audio/text are padded per batch
-    with a key mask and their encoder-segment ids. Padded positions come out as zeros (masked for pooling)."""
+    """Run a TopBlocks over Tokens. Video clips are fixed-length (B, L, D). Ragged audio/text run one row per
+    encoder segment (a sample's tokens of one `parts` id; the whole sample without parts), padded to the
+    longest row with a key mask: attention stays within what the encoder saw together, and its cost is per
+    segment (a long recording is never one huge masked sequence). The output keeps the input's token order."""
     dtype = next(top.parameters()).dtype
-    if not tokens.ragged and tokens.mask is None:
-        return Tokens(top(tokens.values.to(dtype)), tokens.batch_size)
-    dense = tokens.to_padded()
-    mask = dense.mask
-    # An empty sequence (a padded window row) attends to one zero token instead of nothing: no NaN.
-    att = mask.clone()
-    att[~mask.any(1), 0] = True
-    out = top(dense.values.to(dtype), att, segments=dense.parts)
-    return Tokens(out.masked_fill(~mask[..., None], 0), tokens.batch_size, mask=mask)
+    if not tokens.ragged:
+        if tokens.mask is None:
+            return Tokens(top(tokens.values.to(dtype)), tokens.batch_size)
+        out = top(tokens.values.to(dtype), tokens.mask, segments=tokens.parts)
+        return Tokens(out.masked_fill(~tokens.mask[..., None], 0), tokens.batch_size, mask=tokens.mask)
+    if tokens.values.shape[0] == 0:
+        return Tokens(tokens.values.to(dtype), tokens.batch_size, segments=tokens.segments)
+    key = tokens.segments if tokens.parts is None else tokens.segments * (int(tokens.parts.max()) + 1) + tokens.parts
+    _, rows = torch.unique_consecutive(key, return_inverse=True)
+    dense = Tokens(tokens.values, int(rows.max()) + 1, segments=rows).to_padded()
+    out = top(dense.values.to(dtype), dense.mask)[dense.mask]        # row-major = the input's token order
+    return Tokens(out, tokens.batch_size, segments=tokens.segments)
 
 
 # ---- building and saving the blocks ----------------------------------------------------------------

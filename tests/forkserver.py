@@ -24,6 +24,12 @@ def _warm(spec: str | None) -> None:
     import ahcli.app  # noqa: F401  (typer, rich, every command module)
     import extract.run  # noqa: F401  (torch, transformers, zarr, h5py, av)
 
+    try:  # the head trainer (sklearn metrics): optional, a child that needs it imports it anyway
+        import heads.checkpoint  # noqa: F401
+        import heads.infer  # noqa: F401
+        import heads.train  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pass
     if spec:
         from extract.encoders import load_encoders
         from extract.spec import load_spec
