@@ -43,58 +43,73 @@ def machine_key(info: dict[str, Any]) -> str:
     return f"cpu-{info['cores']}cores"
 
 
-def run_bench(device: str, quick: bool, workers: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_bench(device: str, quick: bool, workers: int, log: Callable[[str], None] = print,
+              checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every benchmark in turn. A section that fails is recorded with its error and the others still run;
+    `checkpoint` receives the results after each section, so a run cut short keeps what it measured."""
     cuda = device.startswith("cuda")
     out: dict[str, Any] = {"machine": machine(device), "versions": provenance(), "quick": quick,
-                           "date": time.strftime("%Y-%m-%d %H:%M")}
+                           "date": time.strftime("%Y-%m-%d %H:%M"), "errors": {}}
     peak, peak_source = device_peak_tflops(device)
     out["peak_tflops"], out["peak_source"] = peak, peak_source
 
-    log("encoders (full-size, random weights)")
-    enc = {r.name: r.to_dict() for r in bench_encoders(device, quick)}
-    for r in enc.values():
-        r["share_of_peak"] = r["tflops"] / peak
-    out["encoders"] = enc
-    audio = enc["HuBERT-B"]
-    audio_seconds_per_s = audio["items_per_s"] * float(audio["unit"].split()[0])
-    per_sample = 1 / enc["VideoMAE-B"]["items_per_s"] + 27 / audio_seconds_per_s + 1 / enc["RoBERTa-B"]["items_per_s"]
+    def section(name: str, title: str, fn: Callable[[], Any]) -> Any:
+        log(title)
+        try:
+            out[name] = fn()
+        except Exception as exc:  # a benchmark that breaks must not take the others' numbers with it
+            out[name] = None
+            out["errors"][name] = f"{type(exc).__name__}: {exc}"
+            log(f"{name} failed: {out['errors'][name]}")
+        if checkpoint is not None:
+            checkpoint(out)
+        return out[name]
 
-    log("decoding")
-    out["decode"] = bench_decode(quick)
-    log("cache write/read")
-    out["cache"] = bench_cache(quick)
-    log("extraction end to end")
+    enc = section("encoders", "encoders (full-size, random weights)",
+                  lambda: {r.name: r.to_dict() | {"share_of_peak": r.tflops / peak} for r in bench_encoders(device, quick)})
+    per_sample = None
+    if enc:
+        audio = enc["HuBERT-B"]
+        audio_seconds_per_s = audio["items_per_s"] * float(audio["unit"].split()[0])
+        per_sample = (1 / enc["VideoMAE-B"]["items_per_s"] + 27 / audio_seconds_per_s
+                      + 1 / enc["RoBERTa-B"]["items_per_s"])
+    section("decode", "decoding", lambda: bench_decode(quick))
+    section("cache", "cache write/read", lambda: bench_cache(quick))
     videos = 200 if cuda else (4 if quick else 12)
-    e2e = bench_extraction(device, videos=videos, workers=workers)
-    out["extraction"] = e2e
-    video_s = BAH_CLIPS / enc["VideoMAE-B"]["items_per_s"]
-    audio_s = BAH_AUDIO_SECONDS / audio_seconds_per_s
-    decode_s = BAH_CLIPS * 16 / (out["decode"]["face_jpegs_per_s_per_worker"] * max(workers, 1))
-    out["bah_extraction_projection_s"] = {
-        "from_end_to_end_clips_per_s": BAH_CLIPS / e2e["clips_per_s"] if e2e["clips_per_s"] else None,
-        "video_encoder_only": video_s,
-        "audio_encoder_only": audio_s,
-        "face_decoding_all_workers": decode_s,
-        "sum_of_encoders": video_s + audio_s,
-    }
+    e2e = section("extraction", "extraction end to end", lambda: bench_extraction(device, videos=videos, workers=workers))
+    if enc and e2e and out.get("decode"):
+        video_s = BAH_CLIPS / enc["VideoMAE-B"]["items_per_s"]
+        audio_s = BAH_AUDIO_SECONDS / audio_seconds_per_s
+        out["bah_extraction_projection_s"] = {
+            "from_end_to_end_clips_per_s": BAH_CLIPS / e2e["clips_per_s"] if e2e["clips_per_s"] else None,
+            "video_encoder_only": video_s,
+            "audio_encoder_only": audio_s,
+            "face_decoding_all_workers": BAH_CLIPS * 16 / (out["decode"]["face_jpegs_per_s_per_worker"] * max(workers, 1)),
+            "sum_of_encoders": video_s + audio_s,
+        }
+    if per_sample is not None:
+        heads = section("heads", "head training epoch (fused vs literal vs encoders every step)",
+                        lambda: bench_heads(device, quick, per_sample) | {"encoder_seconds_per_sample": per_sample})
+    else:
+        heads = None
 
-    log("head training epoch (fused vs literal vs encoders every step)")
-    out["heads"] = bench_heads(device, quick, per_sample)
-    out["heads"]["encoder_seconds_per_sample"] = per_sample
-    try:
-        from heads.finetune import bench_top2_epoch
-    except ImportError:
-        out["top2"] = None
-    else:
-        log("top-2 unfrozen: cached prefix vs end to end")
-        out["top2"] = bench_top2_epoch(device, quick)
+    def top2() -> dict | None:
+        try:
+            from heads.finetune import bench_top2_epoch
+        except ImportError:
+            return None
+        return bench_top2_epoch(device, quick)
+
+    section("top2", "top-2 unfrozen: cached prefix vs end to end", top2)
+    run_s = None
     if cuda:
-        log("one full train-heads run at BAH scale")
-        out["heads_full_run"] = bench_full_run(device)
-        run_s = out["heads_full_run"]["run_s"]
-    else:
-        run_s = out["heads"]["projected_run_s_60_epochs"]
-    out["ablate_projection_s"] = 3 * ABLATE_TRAININGS_PER_SEED * run_s
+        full = section("heads_full_run", "one full train-heads run at BAH scale", lambda: bench_full_run(device))
+        run_s = full["run_s"] if full else None
+    elif heads:
+        run_s = heads["projected_run_s_60_epochs"]
+    out["ablate_projection_s"] = 3 * ABLATE_TRAININGS_PER_SEED * run_s if run_s else None
+    if checkpoint is not None:
+        checkpoint(out)
     return out
 
 
@@ -111,36 +126,50 @@ def _fmt_s(s: float | None) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
+def _get(r: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(r, dict) or r.get(key) is None:
+            return None
+        r = r[key]
+    return r
+
+
 def goals_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(goal, measured value, met?) for each goal of the performance issue, on this result's machine."""
     cuda = "gpu" in r["machine"]
-    ext = r["bah_extraction_projection_s"]["from_end_to_end_clips_per_s"]
-    share = r["encoders"]["VideoMAE-B"]["share_of_peak"]
+    ext = _get(r, "bah_extraction_projection_s", "from_end_to_end_clips_per_s")
+    share = _get(r, "encoders", "VideoMAE-B", "share_of_peak")
+    e2e = _get(r, "extraction", "clips_per_s")
     rows = []
     if cuda:
+        ok = ext is not None and share is not None and ext < 120 and share >= 0.4
         rows.append(("extract all of BAH < 2 min on one H100; VideoMAE-B >= 40% of bf16 peak",
-                     f"projected {_fmt_s(ext)} from {r['extraction']['clips_per_s']:.0f} end-to-end clips/s; "
-                     f"VideoMAE-B at {100 * share:.0f}% of peak",
-                     "yes" if ext is not None and ext < 120 and share >= 0.4 else "no"))
-        run = r.get("heads_full_run", {})
+                     f"projected {_fmt_s(ext)} from {_num(e2e, '.0f')} end-to-end clips/s; "
+                     f"VideoMAE-B at {_num(share and 100 * share, '.0f')}% of peak", "yes" if ok else "no"))
+        run_s, epochs = _get(r, "heads_full_run", "run_s"), _get(r, "heads_full_run", "epochs")
         rows.append(("one train-heads run, paper protocol, BAH scale < 60 s on one H100",
-                     f"measured {_fmt_s(run.get('run_s'))} ({run.get('epochs')} epochs)",
-                     "yes" if run.get("run_s", 1e9) < 60 else "no"))
+                     f"measured {_fmt_s(run_s)} ({epochs} epochs)", "yes" if run_s is not None and run_s < 60 else "no"))
+        abl = r.get("ablate_projection_s")
         rows.append(("full `ahcli ablate` (3 seeds) < 15 min on one H100",
-                     f"projected {_fmt_s(r['ablate_projection_s'])} ({3 * ABLATE_TRAININGS_PER_SEED} runs x measured run)",
-                     "yes (projection)" if r["ablate_projection_s"] < 900 else "no (projection)"))
+                     f"projected {_fmt_s(abl)} ({3 * ABLATE_TRAININGS_PER_SEED} runs x the measured run)",
+                     "yes (projection)" if abl is not None and abl < 900 else "no (projection)"))
     else:
-        proj = r["heads"]["projected_run_s_60_epochs"]
+        proj = _get(r, "heads", "projected_run_s_60_epochs")
         rows.append(("one train-heads run, BAH scale, < 15 min on 2 CPU cores",
-                     f"projected {_fmt_s(proj)} for 60 epochs (epoch {_fmt_s(r['heads']['epoch_s_fused'])})",
-                     "yes (projection)" if proj < 900 else "no (projection)"))
-        rows.append(("extract all of BAH (GPU goal; CPU for reference)",
-                     f"projected {_fmt_s(ext)} at {r['extraction']['clips_per_s']:.2f} end-to-end clips/s", "n/a on CPU"))
-    speed = r["heads"]["epoch_speedup_vs_encoders"]
+                     f"projected {_fmt_s(proj)} for 60 epochs (epoch {_fmt_s(_get(r, 'heads', 'epoch_s_fused'))})",
+                     "yes (projection)" if proj is not None and proj < 900 else "no (projection)"))
+        rows.append(("extract all of BAH (a GPU goal; the CPU for reference)",
+                     f"projected {_fmt_s(ext)} at {_num(e2e, '.2f')} end-to-end clips/s", "n/a on CPU"))
+    speed = _get(r, "heads", "epoch_speedup_vs_encoders")
     rows.append(("head-training epoch, cached vs encoders every step >= 50x",
-                 f"{speed:.0f}x (fused {_fmt_s(r['heads']['epoch_s_fused'])} vs "
-                 f"{_fmt_s(r['heads']['epoch_s_encoders_every_step'])})", "yes" if speed >= 50 else "no"))
+                 f"{_num(speed, '.0f')}x (fused {_fmt_s(_get(r, 'heads', 'epoch_s_fused'))} vs "
+                 f"{_fmt_s(_get(r, 'heads', 'epoch_s_encoders_every_step'))})",
+                 "yes" if speed is not None and speed >= 50 else "no"))
     return rows
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
 
 
 def render_markdown(folder: Path) -> str:
@@ -154,27 +183,33 @@ def render_markdown(folder: Path) -> str:
         title = m.get("gpu") or f"CPU ({m['cores']} cores, {m['cpu']})"
         lines += [f"## {title}{' — quick run' if r['quick'] else ''}", "",
                   f"{r['date']}; torch {v.get('torch')}, transformers {v.get('transformers')}, "
-                  f"commit {str(v.get('git_commit'))[:10]}; peak {r['peak_tflops']:.1f} TFLOP/s ({r['peak_source']}).", "",
+                  f"commit {str(v.get('git_commit'))[:10]}; peak {r['peak_tflops']:.2f} TFLOP/s ({r['peak_source']}).", "",
                   "| goal | measured | met |", "|---|---|---|"]
         lines += [f"| {g} | {val} | {met} |" for g, val, met in goals_rows(r)]
-        lines += ["", "| encoder | item | items/s | TFLOP/s | share of peak |", "|---|---|---|---|---|"]
-        for name, e in r["encoders"].items():
-            lines.append(f"| {name} | {e['unit']} | {e['items_per_s']:.2f} | {e['tflops']:.2f} | {100 * e['share_of_peak']:.0f}% |")
-        d, c, h, x = r["decode"], r["cache"], r["heads"], r["extraction"]
-        lines += ["", "| what | value |", "|---|---|",
-                  f"| face JPEG decode + resize (256 px) | {d['face_jpegs_per_s_per_worker']:.0f} /s per worker |",
-                  f"| audio decode + resample | {d['audio_seconds_per_s_per_worker']:.0f} s of audio /s per worker |",
-                  f"| end-to-end extraction ({x['videos']} synthetic videos, {x['workers']} workers) | {x['clips_per_s']:.2f} clips/s |"]
-        for backend, io in c.items():
+        if r.get("encoders"):
+            lines += ["", "| encoder | item | items/s | TFLOP/s | share of peak |", "|---|---|---|---|---|"]
+            for name, e in r["encoders"].items():
+                lines.append(f"| {name} | {e['unit']} | {e['items_per_s']:.2f} | {e['tflops']:.2f} | {100 * e['share_of_peak']:.0f}% |")
+        lines += ["", "| what | value |", "|---|---|"]
+        d, x, h = r.get("decode"), r.get("extraction"), r.get("heads")
+        if d:
+            lines += [f"| face JPEG decode + resize (256 px) | {d['face_jpegs_per_s_per_worker']:.0f} /s per worker |",
+                      f"| audio decode + resample | {d['audio_seconds_per_s_per_worker']:.0f} s of audio /s per worker |"]
+        if x:
+            lines.append(f"| end-to-end extraction ({x['videos']} synthetic videos, {x['workers']} workers) | {x['clips_per_s']:.2f} clips/s |")
+        for backend, io in (r.get("cache") or {}).items():
             lines.append(f"| cache {backend} write / read | {io['write_GBps']:.2f} / {io['read_GBps']:.2f} GB/s |")
-        lines += [f"| head epoch, fused pooling | {_fmt_s(h['epoch_s_fused'])} |",
-                  f"| head epoch, literal pooling | {_fmt_s(h['epoch_s_literal'])} ({h['epoch_speedup_vs_literal']:.2f}x slower) |",
-                  f"| head epoch, encoders every step (projected from encoder throughput) | {_fmt_s(h['epoch_s_encoders_every_step'])} |"]
-        if h["train_videos_timed"] != h["scaled_to"]:
-            lines.append(f"| (epochs timed on {h['train_videos_timed']} train videos, scaled to {h['scaled_to']}) | |")
+        if h:
+            lines += [f"| head epoch, fused pooling | {_fmt_s(h['epoch_s_fused'])} |",
+                      f"| head epoch, literal pooling | {_fmt_s(h['epoch_s_literal'])} ({h['epoch_speedup_vs_literal']:.2f}x the fused time) |",
+                      f"| head epoch, encoders every step (projected from encoder throughput) | {_fmt_s(h['epoch_s_encoders_every_step'])} |"]
+            if h["train_videos_timed"] != h["scaled_to"]:
+                lines.append(f"| (head epochs timed on {h['train_videos_timed']} train videos, scaled to {h['scaled_to']}) | |")
         t2 = r.get("top2")
         if t2:
-            lines += [f"| top-2 unfrozen epoch: cached prefix vs end to end | {_fmt_s(t2.get('epoch_s_cached'))} vs "
-                      f"{_fmt_s(t2.get('epoch_s_end_to_end'))} ({t2.get('speedup', 0):.0f}x) |"]
+            lines.append(f"| top-2 unfrozen epoch: cached prefix vs end to end | {_fmt_s(t2.get('epoch_s_cached'))} vs "
+                         f"{_fmt_s(t2.get('epoch_s_end_to_end'))} ({_num(t2.get('speedup'), '.0f')}x) |")
+        for name, err in (r.get("errors") or {}).items():
+            lines.append(f"| {name}: FAILED | {err} |")
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -23,9 +23,13 @@ def bench(
     from ahbench.run import render_markdown, run_bench, save
     from extract.run import resolve_device
 
-    results = run_bench(resolve_device(device), quick, workers, log=lambda s: console.print(f"[bold]bench:[/] {s}"))
+    def checkpoint(partial: dict) -> None:
+        save(partial, results_dir)
+        markdown.write_text(render_markdown(results_dir), encoding="utf-8")
+
+    results = run_bench(resolve_device(device), quick, workers,
+                        log=lambda s: console.print(f"[bold]bench:[/] {s}"), checkpoint=checkpoint)
     path = save(results, results_dir)
-    markdown.write_text(render_markdown(results_dir), encoding="utf-8")
     console.print(f"results: {path}; report: {markdown}")
     if as_json:
         print(json.dumps(results, indent=2, sort_keys=True))
