@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ahcli import cmd_bench, cmd_data, cmd_demo, cmd_ensemble, cmd_extract, cmd_finetune, cmd_heads, cmd_report
 from extract.errors import AHError
@@ -27,5 +28,5 @@ def main() -> None:
     try:
         app()
     except AHError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

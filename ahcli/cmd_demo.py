@@ -20,7 +20,7 @@ def demo_cmd(
     epochs: int = typer.Option(30, help="Epochs per training (checkpoints and ablation)."),
     dim: int = typer.Option(64, help="Shared projection width D of the heads (the tiny encoders' tokens are 64 wide)."),
     head_hidden: int = typer.Option(64, help="Hidden width of the full and text heads."),
-    lr: float = typer.Option(3e-3, help="Learning rate of the heads (cosine-annealed to lr/100)."),
+    lr: float = typer.Option(1e-3, help="Learning rate of the heads (cosine-annealed to lr/100)."),
     workers: int = typer.Option(1, help="Extraction decoding processes (0: decode in the main process)."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto (the tiny demo is fastest on the CPU)."),
 ) -> None:

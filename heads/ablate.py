@@ -77,16 +77,20 @@ class Plan:
     window_text: bool
 
 
-def unfreeze_supported(reader) -> tuple[bool, str]:
-    """True when the trainer has `unfreeze_top` and the cache holds the prefix states it needs."""
+def unfreeze_supported(reader, n: int = 2) -> tuple[bool, str]:
+    """True when the trainer has `unfreeze_top` and the cache holds the prefix states the top n blocks read."""
     from heads.train import TrainConfig
 
-    spec = reader.spec or {}
     if "unfreeze_top" not in {f.name for f in dataclasses.fields(TrainConfig)}:
         return False, "train_heads has no unfreeze_top option"
-    if "prefix" not in (spec.get("layers") or []) or int(spec.get("unfreeze_top") or 0) < 2:
-        return False, "the cache holds no 'prefix' states for the top 2 blocks (re-extract with layers: [last, prefix])"
-    return True, "top-2 blocks unfrozen from the cached prefix states"
+    try:
+        from heads.topblocks import cache_prefix_problem
+    except ImportError:
+        return False, "no cached top-block training in this version"
+    problem = cache_prefix_problem(reader.spec, n)
+    if problem is not None:
+        return False, problem
+    return True, f"top-{n} encoder blocks unfrozen, trained from the cached prefix states (encoder lr = lr/10)"
 
 
 def make_plan(reader, quick: bool, a_unfrozen: bool, a_reason: str) -> Plan:
@@ -426,8 +430,8 @@ def run_ablation(
     log_path = out / LOG_FILE
     key = _log_key(reader.fingerprint, base, quick, windows)
     done = _read_log(log_path, key) if resume else {}
-    if not resume:
-        log_path.unlink(missing_ok=True)
+    # Keep only this ablation's complete records (a kill may have cut the last line), then append to it.
+    _atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in done.values()))
     cache_rec = cache_record(reader, cache)
     rows: list[Row] = []
     total = len(plan.trainings) * seeds

@@ -51,7 +51,7 @@ class DemoOptions:
     patience: int = 30
     dim: int = 64                 # head sizes suited to the tiny encoders' 64-wide tokens
     head_hidden: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-3
     batch_size: int = 16          # videos per optimizer step (one micro-batch, no accumulation)
     workers: int = 1              # extraction decoding processes
     device: str = "cpu"

@@ -71,39 +71,50 @@ def format_pair(p1: float) -> tuple[str, str]:
     return f"{d0:.{DECIMALS}f}", f"{d1:.{DECIMALS}f}"
 
 
-def layers_needed(run) -> tuple[str, ...]:
-    """Cached layers a run reads: the trainer's `layers_needed(run)` when it offers one (fine-tuned runs
-    read the 'prefix' states too), else the run's configured layer."""
+def layers_needed(run, cache=None) -> tuple[str, ...]:
+    """Cached layers a run reads: the trainer's `layers_needed(run[, cache])` when it offers one (fine-tuned
+    runs read the 'prefix' states, or none when they run on the raw media), else the run's layer."""
+    import inspect
+
     from heads import checkpoint, infer
 
     for module in (infer, checkpoint):
         fn = getattr(module, "layers_needed", None)
         if callable(fn):
-            return tuple(fn(run))
+            takes_cache = len(inspect.signature(fn).parameters) >= 2
+            return tuple(fn(run, cache) if takes_cache else fn(run))
     return (getattr(run.train_config, "layer", "last") or "last",)
 
 
 # ---- runs ------------------------------------------------------------------------------------------
 
 
-def load_runs(runs: Sequence[Path], cache_fingerprint: str, device) -> list:
-    """Load each run folder; refuse runs made on different caches, or on another cache than this one."""
+def check_fingerprints(runs: Sequence[Path], cache_fingerprint: str) -> None:
+    """Refuse runs made on different caches, or on another cache than this one (from config.json alone)."""
+    from heads.checkpoint import read_config
+
+    fps = [((read_config(r).get("cache") or {}).get("fingerprint"), r) for r in runs]
+    first_fp, first = fps[0]
+    for fp, r in fps[1:]:
+        if fp != first_fp:
+            raise EnsembleError(f"{r}: trained on cache fingerprint {fp}, but {first} on {first_fp}; "
+                                "an ensemble needs runs trained on one cache")
+    if first_fp != cache_fingerprint:
+        raise EnsembleError(f"runs were trained on cache fingerprint {first_fp}, but this cache is "
+                            f"{cache_fingerprint}; ensemble them over the cache they were trained on")
+
+
+def load_runs(runs: Sequence[Path], reader, device, data_root: Path | None = None,
+              private_root: Path | None = None) -> list:
+    """Load each run folder after the fingerprint checks. `data_root`/`private_root` let a fine-tuned run
+    without cached prefix states run its encoders on the raw media (heads.checkpoint.load_run)."""
     from heads.checkpoint import load_run
 
     if not runs:
         raise EnsembleError("ensemble: give at least one run folder")
-    loaded = [load_run(r, device=device) for r in runs]
-    first = loaded[0]
-    for r in loaded[1:]:
-        if r.fingerprint != first.fingerprint:
-            raise EnsembleError(
-                f"{r.path}: trained on cache fingerprint {r.fingerprint}, but {first.path} on "
-                f"{first.fingerprint}; an ensemble needs runs trained on one cache")
-    if first.fingerprint != cache_fingerprint:
-        raise EnsembleError(
-            f"runs were trained on cache fingerprint {first.fingerprint}, but this cache is {cache_fingerprint}; "
-            "ensemble them over the cache they were trained on")
-    return loaded
+    check_fingerprints(runs, reader.fingerprint)
+    extra = {k: v for k, v in (("data_root", data_root), ("private_root", private_root)) if v is not None}
+    return [load_run(r, cache=reader, device=device, **extra) for r in runs]
 
 
 @dataclass
@@ -114,15 +125,15 @@ class DataNeeds:
     text_window: bool
 
 
-def data_needs(runs: Sequence) -> DataNeeds:
+def data_needs(runs: Sequence, reader=None) -> DataNeeds:
     from heads.data import MODALITIES
 
     mods = {m for r in runs for m in r.model_config.present}
     layers: list[str] = []
     for r in runs:
-        layers += [x for x in layers_needed(r) if x not in layers]
+        layers += [x for x in layers_needed(r, reader) if x not in layers]
     window = any(r.train_config.text_source == "window" and r.model_config.has_text for r in runs)
-    return DataNeeds(tuple(m for m in MODALITIES if m in mods), tuple(layers), window)
+    return DataNeeds(tuple(m for m in MODALITIES if m in mods), tuple(layers) or ("last",), window)
 
 
 def run_probs(runs: Sequence, data, windows: int) -> list[np.ndarray]:
@@ -233,7 +244,7 @@ def score_splits(reader, runs: Sequence, splits: Sequence[str], windows: int, de
     """Every run's and the ensemble's probabilities per split; each split loaded once, then released."""
     from heads.data import load_split
 
-    needs = data_needs(runs)
+    needs = data_needs(runs, reader)
     out = {}
     for split in splits:
         if on_split is not None:
@@ -299,7 +310,7 @@ def run_ensemble(
     out = Path(out)
     reader = CacheReader(cache)
     dev = resolve_device(device)
-    loaded = load_runs([Path(r) for r in runs], reader.fingerprint, dev)
+    loaded = load_runs([Path(r) for r in runs], reader, dev, data_root, private_root)
     order = private_order(reader, private_split_file(data_root, private_root))
     if order is not None:
         check_missing(order, allow_missing)               # before any work: refuse early
@@ -349,6 +360,6 @@ def _run_record(run, i: int, scores: dict[str, SplitScores], windows: int) -> di
     return rec
 
 
-__all__ = ["EnsembleError", "run_ensemble", "format_pair", "quantise", "layers_needed", "load_runs",
+__all__ = ["EnsembleError", "run_ensemble", "format_pair", "quantise", "layers_needed", "load_runs", "check_fingerprints",
            "private_order", "private_split_file", "write_submission", "score_splits", "tune_threshold",
            "PrivateOrder", "SplitScores", "DECIMALS", "WITH_PROBS", "NO_PROBS"]

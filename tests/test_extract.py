@@ -51,7 +51,7 @@ class _Reference:
         self.image_processor = AutoImageProcessor.from_pretrained(folder / "video")
         self.audio = AutoModel.from_pretrained(folder / "audio").eval()
         self.feature_extractor = AutoFeatureExtractor.from_pretrained(folder / "audio")
-        self.text = AutoModel.from_pretrained(folder / "text").eval()
+        self.text = AutoModel.from_pretrained(folder / "text", add_pooling_layer=False).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder / "text")
 
     def _layers(self, out) -> dict[str, np.ndarray]:
@@ -89,49 +89,70 @@ def _close(got: np.ndarray, want: np.ndarray, what: str) -> None:
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=RTOL, atol=ATOL, err_msg=what)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cached_tokens_equal_a_direct_call_of_the_hf_models(backend, ref_caches, synth_tree, reference):
-    reader = CacheReader(ref_caches[backend])
+@pytest.fixture(scope="module")
+def expected_tokens(synth_tree, reference) -> dict[str, dict]:
+    """video_id -> metadata and per-layer reference tokens from the HF models, for videos of every split,
+    a padded (shorter than 16 frames) one and a 44.1 kHz stereo one. Computed once for both backends."""
     ds = read_bah(synth_tree[0] / "data")
-    assert sorted(reader.video_ids()) == sorted(v.video_id for v in ds.videos) and len(ds.videos) == 18
+    assert len(ds.videos) == 18 and ds.problems == []
     spec = reference.spec
-    # Every split, a padded (shorter than 16 frames) video and a 44.1 kHz stereo one among those checked.
     facts = {v["video_id"]: v for v in synth_tree[1]["videos"]}
     chosen = {next(v.video_id for v in ds.videos if v.split == s) for s in ("train", "val", "test", "private")}
     chosen.add(next(v.video_id for v in ds.videos if v.frame_count < 16))
     chosen.add(next(v for v, f in facts.items() if f["audio_channels"] == 2))
-    for video in (v for v in ds.videos if v.video_id in chosen):
-        rec = reader.record(video.video_id)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster, and spinning threads hurt on a busy machine
+    try:
+        out = {}
+        for video in (v for v in ds.videos if v.video_id in chosen):
+            count = spec.windows.train if video.split == "train" else spec.windows.eval
+            starts = window_starts(video.video_id, video.frame_count, count, 16, spec.seed)
+            want = {"video": video, "starts": starts}
+            for layer, arr in reference.video_clips(_clips(video, starts, spec.video.size)).items():
+                want[f"video/{layer}"] = arr
+            for layer, arr in reference.audio_wave(read_audio(video.mp4, 16000)).items():
+                want[f"audio/{layer}"] = arr
+            for layer, arr in reference.text_string(video.transcript).items():
+                want[f"text/{layer}"] = arr
+            windows = [reference.text_string(window_text(video.chunks, s / video.fps, (s + 16) / video.fps))
+                       for s in starts]
+            want["text_window_lengths"] = [len(w["last"]) for w in windows]
+            for layer in ("last", "prefix"):
+                want[f"text_window/{layer}"] = np.concatenate([w[layer] for w in windows])
+            out[video.video_id] = want
+        # A control for the tolerance: the clips one frame later (or earlier) than the stored starts.
+        video = next(v for v in ds.videos if v.frame_count >= 20)
         count = spec.windows.train if video.split == "train" else spec.windows.eval
-        assert rec.window_starts == window_starts(video.video_id, video.frame_count, count, 16, spec.seed)
+        moved = [s + 1 if s + 16 < video.frame_count else s - 1
+                 for s in window_starts(video.video_id, video.frame_count, count, 16, spec.seed)]
+        out["_moved"] = {"video_id": video.video_id,
+                         "video/last": reference.video_clips(_clips(video, moved, spec.video.size))["last"]}
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_tokens_equal_a_direct_call_of_the_hf_models(backend, ref_caches, expected_tokens):
+    reader = CacheReader(ref_caches[backend])
+    assert len(reader.video_ids()) == 18
+    for vid, want in expected_tokens.items():
+        if vid == "_moved":
+            continue
+        video, rec = want["video"], reader.record(vid)
+        assert rec.window_starts == want["starts"]
         assert (rec.split, rec.label, rec.pid, rec.question) == (video.split, video.label, video.pid, video.question)
         assert (rec.frame_count, rec.padded) == (video.frame_count, video.frame_count < 16)
         assert rec.fps == pytest.approx(video.fps) and rec.duration == pytest.approx(video.duration)
-
-        want = reference.video_clips(_clips(video, rec.window_starts, spec.video.size))
-        for layer in ("last", "prefix"):
-            _close(rec.arrays[f"video/{layer}"], want[layer], f"{video.video_id} video/{layer}")
-        wave = read_audio(video.mp4, 16000)
-        want = reference.audio_wave(wave)
-        for layer in ("last", "prefix"):
-            _close(rec.arrays[f"audio/{layer}"], want[layer], f"{video.video_id} audio/{layer}")
-        assert rec.arrays["audio_segments"].tolist() == [len(want["last"])]
-        want = reference.text_string(video.transcript)
-        for layer in ("last", "prefix"):
-            _close(rec.arrays[f"text/{layer}"], want[layer], f"{video.video_id} text/{layer}")
-        windows = [reference.text_string(window_text(video.chunks, s / video.fps, (s + 16) / video.fps))
-                   for s in rec.window_starts]
-        assert rec.arrays["text_window_lengths"].tolist() == [len(w["last"]) for w in windows]
-        for layer in ("last", "prefix"):
-            _close(rec.arrays[f"text_window/{layer}"], np.concatenate([w[layer] for w in windows]),
-                   f"{video.video_id} text_window/{layer}")
-
-    # The tolerance is meaningful: the clip one frame later is far outside it.
-    video = next(v for v in ds.videos if v.frame_count >= 20)
-    rec = reader.record(video.video_id, keys=["video/last"])
-    moved = [s + 1 if s + 16 < video.frame_count else s - 1 for s in rec.window_starts]
-    shifted = reference.video_clips(_clips(video, moved, spec.video.size))["last"]
-    assert not np.allclose(rec.arrays["video/last"].astype(np.float32), shifted, rtol=RTOL, atol=ATOL)
+        for name in ("video", "audio", "text", "text_window"):
+            for layer in ("last", "prefix"):
+                _close(rec.arrays[f"{name}/{layer}"], want[f"{name}/{layer}"], f"{vid} {name}/{layer}")
+        assert rec.arrays["audio_segments"].tolist() == [len(want["audio/last"])]  # one segment: < 30 s
+        assert rec.arrays["text_window_lengths"].tolist() == want["text_window_lengths"]
+    # The tolerance is meaningful: clips one frame off are far outside it.
+    moved = expected_tokens["_moved"]
+    got = reader.record(moved["video_id"], keys=["video/last"]).arrays["video/last"].astype(np.float32)
+    assert not np.allclose(got, moved["video/last"], rtol=RTOL, atol=ATOL)
 
 
 # ------------------------------------------------------------------------------ kill -9 and resume
@@ -185,11 +206,12 @@ def test_torchrun_two_cpu_processes_give_the_single_process_digest(tmp_path, syn
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "ahcli", *extract_args(synth_tree[0] / "data", cache, tiny_specs["hdf5"])]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cli_env(), cwd=REPO)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("extracted 18 videos") == 1, p.stdout  # rank 0 reports the sum of both ranks
+    log = f"stdout:\n{p.stdout[-2000:]}\nstderr:\n{p.stderr[-4000:]}"
+    assert p.returncode == 0, log
+    assert p.stdout.count("extracted 18 videos") == 1, log  # rank 0 reports the sum of both ranks
     r = CacheReader(cache)
-    assert r.sealed and r.verify() == [] and len(r.video_ids()) == 18
-    assert r.digest() == _digest(ref_caches["zarr"]) == _digest(ref_caches["hdf5"])
+    assert r.sealed and r.verify() == [] and len(r.video_ids()) == 18, log
+    assert r.digest() == _digest(ref_caches["zarr"]) == _digest(ref_caches["hdf5"]), log
     assert r.manifest["provenance"]["torch_threads"] == 1
 
 

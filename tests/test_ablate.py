@@ -1,0 +1,158 @@
+"""`ahcli ablate`: the rows of Tables 4-6, the splits loaded once, inference-time variants without
+retraining, mean ± std aggregation, resume, and option checks. Tiny epochs: the numbers are not the point
+here (the slow acceptance test in test_acceptance_ablate.py checks what the full model learns)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from heads_fixtures import write_cache
+
+BASE = {"epochs": 1, "patience": 1, "dim": 8, "head_hidden": 8, "lr": 1e-3, "device": "cpu"}
+T4 = {"no_conflict", "window_text", "alpha=0", "alpha=0.5", "alpha=0.6", "alpha=1"}
+T5 = {f"modality={m}" for m in ("v", "a", "t", "va", "vt", "at", "vat")}
+T6 = {"windows=1", "windows=3", "windows=5", "single_A", "single_B", "ensemble_AB"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_cache(tmp_path_factory.mktemp("ablate") / "cache",
+                       {"train": 24, "val": 12, "test": 12}, windows=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def full(cache, tmp_path_factory):
+    """One full ablation with 2 seeds, counting trainings and split loads."""
+    import heads.data
+    import heads.train
+
+    calls = {"train": 0, "load": []}
+    real_train, real_load = heads.train.train_heads, heads.data.load_split
+
+    def train(*a, **k):
+        calls["train"] += 1
+        return real_train(*a, **k)
+
+    def load(reader, split, *a, **k):
+        calls["load"].append(split)
+        return real_load(reader, split, *a, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(heads.train, "train_heads", train)
+    mp.setattr(heads.data, "load_split", load)
+    try:
+        from heads.ablate import run_ablation
+
+        out = tmp_path_factory.mktemp("ablation")
+        res = run_ablation(cache, out, seeds=2, base=BASE)
+    finally:
+        mp.undo()
+    return {"res": res, "out": out, "calls": calls}
+
+
+def _csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_ablation_writes_every_table_row_per_seed_and_aggregated(full):
+    rows = _csv(full["out"] / "ablation.csv")
+    per_seed = [r for r in rows if r["seed"] != "mean"]
+    agg = [r for r in rows if r["seed"] == "mean"]
+    want = {("4", c) for c in T4} | {("5", c) for c in T5} | {("6", c) for c in T6}
+    for seed in ("0", "1"):
+        for split in ("val", "test"):
+            got = {(r["table"], r["config"]) for r in per_seed if r["seed"] == seed and r["split"] == split}
+            assert got == want, (seed, split, want ^ got)
+    assert len(per_seed) == 2 * 2 * len(want) and len(agg) == 2 * len(want)
+    for a in agg:
+        group = [r for r in per_seed if (r["table"], r["config"], r["split"]) == (a["table"], a["config"], a["split"])]
+        vals = [float(r["macro_f1"]) for r in group]
+        assert a["n_seeds"] == "2"
+        assert float(a["macro_f1"]) == pytest.approx(np.mean(vals), abs=1e-6)
+        assert float(a["macro_f1_std"]) == pytest.approx(np.std(vals, ddof=1), abs=1e-6)
+        assert 0.25 <= float(group[0]["threshold"]) <= 0.75
+    md = (full["out"] / "ablation.md").read_text()
+    for title in ("Table 4", "Table 5", "Table 6"):
+        assert title in md
+    for label in ("No conflict features", "Window-aligned transcript only", "Text blend α = 1.0", "Video only",
+                  "Audio + Text", "All three (ours)", "Inference: 3 windows", "Ensemble of 2 checkpoints"):
+        assert label in md
+    assert "±" in md and "frozen" in md
+
+
+def test_splits_loaded_once_and_inference_variants_not_retrained(full):
+    calls = full["calls"]
+    assert sorted(calls["load"]) == ["test", "train", "val"]
+    # per seed: 7 modality subsets + no conflict + window-aligned text + checkpoint B
+    assert calls["train"] == 2 * 10
+    rows = full["res"].rows
+    get = {(r.table, r.config, r.split, r.seed): r for r in rows}
+    for seed in (0, 1):
+        for split in ("val", "test"):
+            full_model = get[("5", "modality=vat", split, seed)]
+            # alpha 0.6 at the tables' window count is the full model itself, as is 1 inference window
+            for twin in (get[("4", "alpha=0.6", split, seed)], get[("6", "windows=1", split, seed)]):
+                assert (twin.macro_f1, twin.threshold) == (full_model.macro_f1, full_model.threshold)
+    assert {r.windows for r in rows if r.config == "windows=5"} == {3}, "capped at the 3 cached eval windows"
+
+
+def test_resume_reuses_finished_trainings(full, cache, tmp_path):
+    import shutil
+
+    import heads.train
+    from heads.ablate import run_ablation
+
+    out = tmp_path / "resumed"
+    shutil.copytree(full["out"], out)
+    log = (out / "trainings.jsonl").read_text().splitlines()
+    (out / "trainings.jsonl").write_text("\n".join(log[:-3]) + "\n" + log[-3][:20])   # a cut last line
+    n = {"train": 0}
+    real = heads.train.train_heads
+
+    def counting(*a, **k):
+        n["train"] += 1
+        return real(*a, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(heads.train, "train_heads", counting)
+    try:
+        res = run_ablation(cache, out, seeds=2, base=BASE, resume=True)
+    finally:
+        mp.undo()
+    assert n["train"] == 3
+    before = _csv(full["out"] / "ablation.csv")
+    after = _csv(out / "ablation.csv")
+    assert [r["macro_f1"] for r in after] == [r["macro_f1"] for r in before], "CPU training is deterministic"
+    assert len(res.rows) == len(full["res"].rows)
+
+
+def test_controlled_and_unknown_options_are_refused(cache, tmp_path):
+    from heads.ablate import AblationError, run_ablation
+
+    with pytest.raises(AblationError, match="seed"):
+        run_ablation(cache, tmp_path / "a", seeds=1, base={"seed": 3})
+    with pytest.raises(AblationError, match="modalities"):
+        run_ablation(cache, tmp_path / "a", seeds=1, base={"modalities": "vt"})
+    with pytest.raises(AblationError, match="colour"):
+        run_ablation(cache, tmp_path / "a", seeds=1, base={"colour": 1})
+
+
+def test_cli_quick_ablation(cache, tmp_path):
+    from ahcli.app import app
+
+    out = tmp_path / "q"
+    res = CliRunner().invoke(app, ["ablate", str(cache), str(out), "--seeds", "1", "--quick", "--epochs", "1",
+                                   "--dim", "8", "--head-hidden", "8", "--lr", "1e-3", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rows = _csv(out / "ablation.csv")
+    configs = {r["config"] for r in rows if r["table"] == "5"}
+    assert configs == {"modality=v", "modality=a", "modality=t", "modality=vat"}
+    assert not any(r["config"] in ("ensemble_AB", "no_conflict") for r in rows)
+    assert "modality=vat" in res.stdout and "full model vs best single modality" in res.output
+    log = [json.loads(line) for line in (out / "trainings.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in log] == ["v", "a", "t", "vat"]
