@@ -43,10 +43,14 @@ def timed_training(train: SplitData, val: SplitData, pooling: str, epochs: int, 
 
 
 def epoch_seconds(train: SplitData, val: SplitData, pooling: str, device: str) -> float:
-    """Seconds of one protocol epoch (train + val + threshold sweep), set-up cost removed by differencing."""
+    """Seconds of one protocol epoch (train + val + threshold sweep): a warm-up run first (kernels, allocator),
+    then 3 epochs minus 1 epoch, which removes the set-up cost."""
+    timed_training(train, val, pooling, 1, device)
     one = timed_training(train, val, pooling, 1, device)
-    two = timed_training(train, val, pooling, 2, device)
-    return max(two - one, 1e-9)
+    three = timed_training(train, val, pooling, 3, device)
+    if three <= one:
+        raise RuntimeError(f"epoch timing by differencing failed ({pooling}: 3 epochs {three:.3f} s, 1 epoch {one:.3f} s)")
+    return (three - one) / 2
 
 
 def bench_heads(device: str, quick: bool, encoder_seconds_per_sample: float) -> dict:

@@ -75,7 +75,7 @@ def run_bench(device: str, quick: bool, workers: int, log: Callable[[str], None]
                       + 1 / enc["RoBERTa-B"]["items_per_s"])
     section("decode", "decoding", lambda: bench_decode(quick))
     section("cache", "cache write/read", lambda: bench_cache(quick))
-    videos = 200 if cuda else (4 if quick else 12)
+    videos = 200 if cuda else (3 if quick else 12)
     e2e = section("extraction", "extraction end to end", lambda: bench_extraction(device, videos=videos, workers=workers))
     if enc and e2e and out.get("decode"):
         video_s = BAH_CLIPS / enc["VideoMAE-B"]["items_per_s"]
@@ -201,7 +201,7 @@ def render_markdown(folder: Path) -> str:
             lines.append(f"| cache {backend} write / read | {io['write_GBps']:.2f} / {io['read_GBps']:.2f} GB/s |")
         if h:
             lines += [f"| head epoch, fused pooling | {_fmt_s(h['epoch_s_fused'])} |",
-                      f"| head epoch, literal pooling | {_fmt_s(h['epoch_s_literal'])} ({h['epoch_speedup_vs_literal']:.2f}x the fused time) |",
+                      f"| head epoch, literal pooling | {_fmt_s(h['epoch_s_literal'])} ({_num(h['epoch_speedup_vs_literal'], '.2f')}x the fused time) |",
                       f"| head epoch, encoders every step (projected from encoder throughput) | {_fmt_s(h['epoch_s_encoders_every_step'])} |"]
             if h["train_videos_timed"] != h["scaled_to"]:
                 lines.append(f"| (head epochs timed on {h['train_videos_timed']} train videos, scaled to {h['scaled_to']}) | |")
@@ -210,6 +210,8 @@ def render_markdown(folder: Path) -> str:
             lines.append(f"| top-2 unfrozen epoch, cached prefix vs end to end (extrapolated from timed micro-batches) | "
                          f"{_fmt_s(t2.get('cached_top2_s_per_epoch'))} vs {_fmt_s(t2.get('end_to_end_s_per_epoch'))} "
                          f"({_num(t2.get('ratio'), '.1f')}x) |")
+        for note in r.get("notes", []):
+            lines.append(f"| note | {note} |")
         for name, err in (r.get("errors") or {}).items():
             lines.append(f"| {name}: FAILED | {err} |")
         lines.append("")

@@ -80,6 +80,7 @@ def ablate_cmd(
     seeds: int = typer.Option(3, help="Seeds per configuration (0..SEEDS-1); cells are mean ± std over them."),
     quick: bool = typer.Option(False, "--quick", help="Train only v, a, t and vat (plus the inference-time rows)."),
     windows: int = typer.Option(1, help="Inference windows for Tables 4 and 5 (the paper: 1)."),
+    frozen_a: bool = typer.Option(False, "--frozen-a", help="Use the frozen eps=0 model as checkpoint A even when the cache allows training its top-2 blocks (faster)."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the trainings OUT/trainings.jsonl already holds (same cache and options)."),
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default: the paper's 60)."),
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience (default: 15)."),
@@ -115,7 +116,7 @@ def ablate_cmd(
             progress.update(epoch_task, description=f"  epoch {rec.epoch} (best val F1 {prog.best_f1:.3f})",
                             completed=rec.epoch, total=prog.epochs)
 
-        res = run_ablation(cache, out, seeds, base, quick, windows=windows, device=device, resume=resume,
+        res = run_ablation(cache, out, seeds, base, quick, windows=windows, device=device, resume=resume, frozen_a=frozen_a,
                            on_load=on_load, on_training=on_training, on_epoch=on_epoch)
     _print_summary(res)
     margin = full_vs_single(res.aggregated)

@@ -32,7 +32,8 @@ from extract.store import CacheReader, CacheWriter, VideoRecord, provenance
 from extract.windows import clip_indices, window_starts, window_text
 
 
-WRITE_THREADS = 4
+# Writes hash, check and fsync each video: parallel threads keep them off the device's critical path.
+WRITE_THREADS = max(2, min(8, os.cpu_count() or 2))
 
 
 @dataclass
@@ -69,7 +70,7 @@ class DecodedVideo:
 
     video: Video
     starts: list[int]
-    clips: np.ndarray | None      # (W, T, S, S, 3) uint8
+    clips: torch.Tensor | None    # (W, T, S, S, 3) uint8; a tensor travels from workers by shared memory
     wave: np.ndarray | None       # float32 mono
     window_texts: list[str]
     padded: bool
@@ -97,7 +98,7 @@ def decode_video(video: Video, spec: ExtractionSpec) -> DecodedVideo:
         needed = sorted({i for s in starts for i in clip_indices(s, length, n)})
         frames = read_faces([video.face_frames[i] for i in needed], spec.video.size)
         pos = {frame: k for k, frame in enumerate(needed)}
-        clips = np.stack([frames[[pos[i] for i in clip_indices(s, length, n)]] for s in starts])
+        clips = torch.from_numpy(np.stack([frames[[pos[i] for i in clip_indices(s, length, n)]] for s in starts]))
         wave = read_audio(video.mp4, spec.audio.sample_rate)
         fps = video.fps
         texts = [window_text(video.chunks, s / fps, (s + length) / fps) for s in starts] if spec.text.window_aligned else []
@@ -246,7 +247,6 @@ def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders,
         persistent_workers=False, worker_init_fn=partial(_die_with_parent, os.getpid()),
     )
     pending: list[Future] = []
-    # Writes hash, check and fsync each video (~0.1 s): a few threads keep them off the device's critical path.
     with ThreadPoolExecutor(max_workers=WRITE_THREADS) as io, _progress(opts.progress, len(todo)) as bar:
         for done, decoded in enumerate(loader, 1):
             vid = decoded.video.video_id

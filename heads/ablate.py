@@ -18,6 +18,7 @@ own threshold, swept on val at that setting ([0.25, 0.75], step 0.01) as the pap
 checkpoint; val and test are scored at it. The ensemble averages A's and B's blended probabilities
 (5 windows each), rounded to 4 decimals as `ahcli ensemble` does. A cell is the mean ± the sample standard
 deviation (ddof = 1; 0 for one seed) over seeds.
+`frozen_a` uses the frozen model as A even when the cache allows the top-2 training (faster).
 `quick` trains only v, a, t and vat (single modalities vs the full model, plus the inference-time rows).
 Finished trainings are appended to OUT/trainings.jsonl; `resume=True` reuses those made with the same
 cache, options and seed.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import io
 import json
 import os
@@ -389,6 +391,7 @@ def run_ablation(
     windows: int = 1,
     device: str = "auto",
     resume: bool = False,
+    frozen_a: bool = False,
     on_load: Callable[[str], None] | None = None,
     on_training: Callable[[str, int, int], None] | None = None,
     on_epoch: Callable[[Any, Any], None] | None = None,
@@ -408,7 +411,10 @@ def run_ablation(
     model_over, train_over = split_overrides(base)
     out = Path(out)
     reader = CacheReader(cache)
-    a_ok, a_reason = (False, "quick") if quick else unfreeze_supported(reader)
+    if quick or frozen_a:
+        a_ok, a_reason = False, "--quick" if quick else "asked for (--frozen-a)"
+    else:
+        a_ok, a_reason = unfreeze_supported(reader)
     plan = make_plan(reader, quick, a_ok, a_reason)
     TrainConfig(**train_over)                         # refuse bad values before loading anything
     layers = ("last", "prefix") if a_ok else ("last",)
@@ -449,10 +455,13 @@ def run_ablation(
                                    **model_over)
                 tkw = dict(train_over, seed=seed, text_source=t.text_source if "text" in mods else "full",
                            label_smoothing=t.label_smoothing)
+                extra = {}
                 if t.unfreeze_top:
                     tkw["unfreeze_top"] = t.unfreeze_top
+                    if "encoder_spec" in inspect.signature(train_heads).parameters:
+                        extra["encoder_spec"] = reader.spec
                 tcfg = TrainConfig(**{"device": device, **tkw})
-                result = train_heads(train, val, mcfg, tcfg, None, on_epoch=on_epoch, cache=cache_rec)
+                result = train_heads(train, val, mcfg, tcfg, None, on_epoch=on_epoch, cache=cache_rec, **extra)
                 run = as_run(result, t.name, cache_rec)
                 r_rows, r_ens = evaluate_training(run, t, seed, evals, windows, cap,
                                                   full_model=(t.name == "vat"))

@@ -16,7 +16,6 @@ import tokenize
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 import yaml
 
