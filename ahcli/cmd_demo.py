@@ -21,7 +21,11 @@ def demo_cmd(
     dim: int = typer.Option(64, help="Shared projection width D of the heads (the tiny encoders' tokens are 64 wide)."),
     head_hidden: int = typer.Option(64, help="Hidden width of the full and text heads."),
     lr: float = typer.Option(1e-3, help="Learning rate of the heads (cosine-annealed to lr/100)."),
+    text_weight: float = typer.Option(
+        0.1, help="Weight w of the text head's loss (paper: 0.5; the synthetic labels need face AND text, so text "
+        "alone is at chance and a large w hurts the full model, see docs/DEMO.md)."),
     workers: int = typer.Option(1, help="Extraction decoding processes (0: decode in the main process)."),
+    threads: int = typer.Option(1, help="Torch intra-op threads (the tiny demo tensors run fastest on one)."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto (the tiny demo is fastest on the CPU)."),
 ) -> None:
     """Synthetic BAH tree -> tiny encoders -> cache -> checkpoints A and B -> ensemble -> ablation -> reports,
@@ -30,7 +34,8 @@ def demo_cmd(
 
     console = Console()
     opts = DemoOptions(videos=videos, seed=seed, quick=quick, epochs=epochs, patience=epochs, dim=dim,
-                       head_hidden=head_hidden, lr=lr, workers=workers, device=device)
+                       head_hidden=head_hidden, lr=lr, text_weight=text_weight, workers=workers,
+                       device=device, threads=threads)
     res = run_demo(out, opts, console)
 
     table = Table(title="demo test split: synthetic data, tiny random encoders (NOT BAH results)")

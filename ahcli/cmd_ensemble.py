@@ -43,7 +43,8 @@ def ensemble_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json on stdout."),
 ) -> None:
     """Average runs' blended probabilities, re-tune the threshold on val, score val/test, write the submission."""
-    from heads.ensemble import NO_PROBS, WITH_PROBS, run_ensemble
+    from heads.ensemble import run_ensemble
+    from heads.submission import NO_PROBS, WITH_PROBS
 
     with _progress() as progress:
         task = progress.add_task("scoring", total=None)
@@ -85,8 +86,12 @@ def ablate_cmd(
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default: the paper's 60)."),
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience (default: 15)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: 3e-5, for 768-wide real features)."),
+    lr_min: Optional[float] = typer.Option(None, help="Final learning rate of the cosine schedule (default: 3e-7)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default: 1e-2)."),
     dim: Optional[int] = typer.Option(None, help="Shared projection width D (default: 768)."),
     head_hidden: Optional[int] = typer.Option(None, help="Hidden width of the heads (default: 512)."),
+    head_dropout: Optional[float] = typer.Option(None, help="Dropout inside the heads (default: 0.3)."),
+    ffn_dropout: Optional[float] = typer.Option(None, help="Dropout inside the fusion FFN (default: 0.1)."),
     batch_size: Optional[int] = typer.Option(None, help="Videos per micro-batch (default: 4)."),
     accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default: 4)."),
     alpha: Optional[float] = typer.Option(None, help="Text blend used to select epochs and thresholds (default: 0.6)."),
@@ -97,8 +102,10 @@ def ablate_cmd(
     inference windows and the 2-checkpoint ensemble, mean ± std over seeds."""
     from heads.ablate import full_vs_single, run_ablation
 
-    base = {k: v for k, v in dict(epochs=epochs, patience=patience, lr=lr, dim=dim, head_hidden=head_hidden,
-                                  batch_size=batch_size, accum=accum, alpha=alpha).items() if v is not None}
+    options = dict(epochs=epochs, patience=patience, lr=lr, lr_min=lr_min, weight_decay=weight_decay, dim=dim,
+                   head_hidden=head_hidden, head_dropout=head_dropout, ffn_dropout=ffn_dropout,
+                   batch_size=batch_size, accum=accum, alpha=alpha)
+    base = {k: v for k, v in options.items() if v is not None}
     if not amp:
         base["amp"] = False
     with _progress() as progress:
@@ -116,8 +123,8 @@ def ablate_cmd(
             progress.update(epoch_task, description=f"  epoch {rec.epoch} (best val F1 {prog.best_f1:.3f})",
                             completed=rec.epoch, total=prog.epochs)
 
-        res = run_ablation(cache, out, seeds, base, quick, windows=windows, device=device, resume=resume, frozen_a=frozen_a,
-                           on_load=on_load, on_training=on_training, on_epoch=on_epoch)
+        res = run_ablation(cache, out, seeds, base, quick, windows=windows, device=device, resume=resume,
+                           frozen_a=frozen_a, on_load=on_load, on_training=on_training, on_epoch=on_epoch)
     _print_summary(res)
     margin = full_vs_single(res.aggregated)
     if margin is not None:

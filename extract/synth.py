@@ -18,7 +18,7 @@ PLANTED SIGNAL (the rule the labels follow; deterministic given the seed):
     smiling mouth arc; F=0: cold, dark face crops (blue/grey) with a frowning arc. Strong and global, so a
     random-initialised video encoder on 16 frames resized to 32-64 px still carries it.
   * text valence T in {0, 1}: positive phrases ("happy", "great", "love", ...) vs negative ones ("sad",
-    "terrible", "hate", ...) dominate the transcript.
+    "terrible", "hate", ...) dominate the transcript, two or three valence words per phrase.
   * label A/H = F XOR T (what is said disagrees with what the face shows), then ~5% label noise (T flipped).
     Labels are balanced within each split and F is independent of the label, so face alone and text alone
     are at chance; only their combination determines the label.
@@ -49,13 +49,17 @@ FRAME_SIZE = 96
 LABEL_NOISE = 0.05
 QUESTIONS = {1: "neutral", 2: "positive", 3: "negative", 4: "ambivalent", 5: "willing", 6: "resistant", 7: "hesitant"}
 
+# Two or three valence words per phrase: with one, the valence words were ~1 token in 6 and the tiny random
+# text encoder's mean token moved too little for the face x words interaction to be learned reliably.
 POSITIVE = [
-    "I feel really happy about it", "that sounds great to me", "I love this idea", "it was a wonderful experience",
-    "I am excited and glad", "everything went well, it was good", "I really enjoy it", "it makes me hopeful and proud",
+    "I feel really happy and glad about it", "that sounds great and wonderful to me", "I love this lovely idea",
+    "it was a wonderful, happy experience", "I am excited, glad and proud",
+    "everything went well, it was good and great", "I really enjoy it, I love it", "it makes me hopeful, happy and proud",
 ]
 NEGATIVE = [
-    "I feel really sad about it", "that sounds terrible to me", "I hate this idea", "it was an awful experience",
-    "I am worried and upset", "everything went wrong, it was bad", "I really dislike it", "it makes me angry and afraid",
+    "I feel really sad and upset about it", "that sounds terrible and awful to me", "I hate this horrible idea",
+    "it was an awful, sad experience", "I am worried, upset and afraid",
+    "everything went wrong, it was bad and terrible", "I really dislike it, I hate it", "it makes me angry, sad and afraid",
 ]
 NEUTRAL = ["so", "well", "you know", "about the question", "in my daily life", "when I think about it", "for me"]
 HEDGES = ["maybe", "I guess", "I'm not sure", "kind of", "I don't know"]

@@ -79,7 +79,7 @@ class Plan:
     window_text: bool
 
 
-def unfreeze_supported(reader, n: int = 2) -> tuple[bool, str]:
+def unfreeze_supported(spec: dict | None, n: int = 2) -> tuple[bool, str]:
     """True when the trainer has `unfreeze_top` and the cache holds the prefix states the top n blocks read."""
     from heads.train import TrainConfig
 
@@ -89,14 +89,14 @@ def unfreeze_supported(reader, n: int = 2) -> tuple[bool, str]:
         from heads.topblocks import cache_prefix_problem
     except ImportError:
         return False, "no cached top-block training in this version"
-    problem = cache_prefix_problem(reader.spec, n)
+    problem = cache_prefix_problem(spec, n)
     if problem is not None:
         return False, problem
     return True, f"top-{n} encoder blocks unfrozen, trained from the cached prefix states (encoder lr = lr/10)"
 
 
-def make_plan(reader, quick: bool, a_unfrozen: bool, a_reason: str) -> Plan:
-    spec = reader.spec or {}
+def make_plan(spec: dict | None, quick: bool, a_unfrozen: bool, a_reason: str) -> Plan:
+    spec = spec or {}
     window_text = bool((spec.get("text") or {}).get("window_aligned")) and not quick
     subsets = QUICK_SUBSETS if quick else SUBSETS
     t = [Training(s, modalities=s) for s in subsets]
@@ -330,9 +330,12 @@ def markdown(agg: Sequence[Row], meta: dict[str, Any]) -> str:
     out += table("Table 5. Modality ablation (validation and test splits)", "5", TABLE5,
                  ["val", "test"] if has_test else ["val"], "Modality")
     out += table("Table 6. Inference settings (" + test[0] + " split)", "6", TABLE6, test, "Setting")
-    out += [f"- {meta['a_note']}; checkpoint B = vat, eps {B_SMOOTHING}, frozen.",
-            f"- Window-aligned transcript: {'trained' if meta['window_text'] else 'not cached (or quick): row absent'}.",
-            f"- Windows are capped at the {meta['cap']} eval window(s) the cache holds."]
+    if meta["quick"]:
+        out.append("- Quick: only v, a, t and vat trained; the component rows of Table 4 and the ensemble are absent.")
+    else:
+        out += [f"- {meta['a_note']}; checkpoint B = vat, eps {B_SMOOTHING}, frozen.",
+                f"- Window-aligned transcript: {'trained' if meta['window_text'] else 'not in the cache: row absent'}."]
+    out.append(f"- Windows are capped at the {meta['cap']} eval window(s) the cache holds.")
     margin = full_vs_single(agg, test[0])
     if margin is not None:
         out.append(f"- Full model vs the best single modality ({test[0]} Macro F1): {margin:+.3f}.")
@@ -381,6 +384,46 @@ def _rows_from(rec: dict) -> list[Row]:
     return [Row(**r) for r in rec["rows"]]
 
 
+@dataclass
+class AblationData:
+    """The splits every training shares, loaded once, and what identifies their cache."""
+    train: Any                        # heads.data.SplitData
+    val: Any
+    test: Any | None
+    spec: dict[str, Any]              # the cache's spec (window-aligned text? prefix states?)
+    fingerprint: str
+    cache: dict[str, Any]             # heads.checkpoint.cache_record: {fingerprint, path}
+    name: str                         # shown in ablation.md
+
+
+def choose_a(spec: dict | None, quick: bool, frozen_a: bool) -> tuple[bool, str]:
+    if quick or frozen_a:
+        return False, "--quick" if quick else "asked for (--frozen-a)"
+    return unfreeze_supported(spec)
+
+
+def load_data(cache: Path, quick: bool = False, frozen_a: bool = False, device: str = "auto",
+              on_load: Callable[[str], None] | None = None) -> AblationData:
+    """train, val and (when present) test, each read from the cache once, with every layer the plan needs."""
+    from extract.store import CacheReader
+    from heads.checkpoint import cache_record
+    from heads.data import load_split
+
+    reader = CacheReader(cache)
+    a_ok, _ = choose_a(reader.spec, quick, frozen_a)
+    window_text = make_plan(reader.spec, quick, a_ok, "").window_text
+    layers = ("last", "prefix") if a_ok else ("last",)
+
+    def load(split: str):
+        if on_load is not None:
+            on_load(split)
+        return load_split(reader, split, layers=layers, device=device, text_window=window_text)
+
+    test = load("test") if reader.video_ids("test") else None
+    return AblationData(load("train"), load("val"), test, reader.spec, reader.fingerprint,
+                        cache_record(reader, cache), str(cache))
+
+
 def run_ablation(
     cache: Path,
     out: Path,
@@ -398,47 +441,58 @@ def run_ablation(
 ) -> AblationResult:
     """Train and score every ablation config for `seeds` seeds (0..seeds-1); write OUT/ablation.md and
     OUT/ablation.csv. `base` overrides TrainConfig/ModelConfig options for every training."""
-    from extract.store import CacheReader
-    from heads.checkpoint import cache_record
-    from heads.data import load_split, parse_modalities
+    from heads.train import TrainConfig
+
+    t0 = time.perf_counter()
+    base = dict(base or {})
+    _, train_over = split_overrides(base)
+    TrainConfig(**train_over)                         # refuse bad values before loading anything
+    if seeds < 1 or windows < 1:
+        raise AblationError("seeds and windows must be >= 1")
+    data = load_data(cache, quick, frozen_a, train_over.get("device", device), on_load)
+    return ablate(data, out, seeds, base, quick, windows=windows, device=device, resume=resume, frozen_a=frozen_a,
+                  on_training=on_training, on_epoch=on_epoch, started=t0)
+
+
+def ablate(
+    data: AblationData,
+    out: Path,
+    seeds: int = 3,
+    base: dict[str, Any] | None = None,
+    quick: bool = False,
+    *,
+    windows: int = 1,
+    device: str = "auto",
+    resume: bool = False,
+    frozen_a: bool = False,
+    on_training: Callable[[str, int, int], None] | None = None,
+    on_epoch: Callable[[Any, Any], None] | None = None,
+    started: float | None = None,
+) -> AblationResult:
+    """The ablation over splits already in memory (run_ablation loads them; a benchmark may build them)."""
+    from heads.data import parse_modalities
     from heads.model import ModelConfig
     from heads.train import TrainConfig, train_heads
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if started is None else started
     if seeds < 1 or windows < 1:
         raise AblationError("seeds and windows must be >= 1")
     base = dict(base or {})
     model_over, train_over = split_overrides(base)
-    out = Path(out)
-    reader = CacheReader(cache)
-    if quick or frozen_a:
-        a_ok, a_reason = False, "--quick" if quick else "asked for (--frozen-a)"
-    else:
-        a_ok, a_reason = unfreeze_supported(reader)
-    plan = make_plan(reader, quick, a_ok, a_reason)
-    TrainConfig(**train_over)                         # refuse bad values before loading anything
-    layers = ("last", "prefix") if a_ok else ("last",)
-
-    def load(split: str):
-        if on_load is not None:
-            on_load(split)
-        return load_split(reader, split, layers=layers, device=train_over.get("device", device),
-                          text_window=plan.window_text)
-
-    train, val = load("train"), load("val")
-    evals = {"val": val}
-    if reader.video_ids("test"):
-        evals["test"] = load("test")
+    a_ok, a_reason = choose_a(data.spec, quick, frozen_a)
+    plan = make_plan(data.spec, quick, a_ok, a_reason)
+    train, val = data.train, data.val
+    evals = {"val": val} | ({"test": data.test} if data.test is not None else {})
     cap = min(int(d.max_windows) for d in evals.values())
     labels = {s: d.labels.cpu().numpy()[~np.isnan(d.labels.cpu().numpy())] for s, d in evals.items()}
 
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_FILE
-    key = _log_key(reader.fingerprint, base, quick, windows)
+    key = _log_key(data.fingerprint, base, quick, windows)
     done = _read_log(log_path, key) if resume else {}
     # Keep only this ablation's complete records (a kill may have cut the last line), then append to it.
     _atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in done.values()))
-    cache_rec = cache_record(reader, cache)
     rows: list[Row] = []
     total = len(plan.trainings) * seeds
     k = 0
@@ -459,10 +513,10 @@ def run_ablation(
                 if t.unfreeze_top:
                     tkw["unfreeze_top"] = t.unfreeze_top
                     if "encoder_spec" in inspect.signature(train_heads).parameters:
-                        extra["encoder_spec"] = reader.spec
+                        extra["encoder_spec"] = data.spec
                 tcfg = TrainConfig(**{"device": device, **tkw})
-                result = train_heads(train, val, mcfg, tcfg, None, on_epoch=on_epoch, cache=cache_rec, **extra)
-                run = as_run(result, t.name, cache_rec)
+                result = train_heads(train, val, mcfg, tcfg, None, on_epoch=on_epoch, cache=data.cache, **extra)
+                run = as_run(result, t.name, data.cache)
                 r_rows, r_ens = evaluate_training(run, t, seed, evals, windows, cap,
                                                   full_model=(t.name == "vat"))
                 rec = {"key": key, "name": t.name, "seed": seed, "rows": [dataclasses.asdict(r) for r in r_rows],
@@ -477,14 +531,14 @@ def run_ablation(
             rows += ensemble_rows(seed, ens[plan.checkpoint_a], ens["vat-eps0.1"], labels, cap)
     agg = aggregate(rows)
     seconds = time.perf_counter() - t0
-    meta = {"cache": str(cache), "fingerprint": reader.fingerprint, "seeds": list(range(seeds)),
+    meta = {"cache": data.name, "fingerprint": data.fingerprint, "seeds": list(range(seeds)),
             "trainings": total, "seconds": seconds, "device": str(train.device), "base": base,
-            "windows": windows, "a_note": plan.a_note, "window_text": plan.window_text, "cap": cap}
+            "windows": windows, "quick": quick, "a_note": plan.a_note, "window_text": plan.window_text, "cap": cap}
     md = markdown(agg, meta)
     write_csv(out / "ablation.csv", rows + agg)
     _atomic_write_text(out / "ablation.md", md)
     return AblationResult(rows, agg, md, seconds)
 
 
-__all__ = ["run_ablation", "AblationResult", "AblationError", "Row", "Training", "make_plan", "aggregate",
+__all__ = ["run_ablation", "ablate", "load_data", "AblationData", "AblationResult", "AblationError", "Row", "Training", "make_plan", "aggregate",
            "markdown", "full_vs_single", "split_overrides", "SUBSETS", "ALPHAS", "WINDOWS"]

@@ -1,74 +1,36 @@
-"""Checkpoint ensembles and the ABAW challenge submission files (`ahcli ensemble`).
+"""Checkpoint ensembles (`ahcli ensemble`).
 
 An ensemble averages, per video, the runs' blended probabilities (each run with its own alpha, over the
 first N cached eval windows), tunes ONE threshold on val (sweep [0.25, 0.75] step 0.01), and scores val and
 test at it. The ensemble probability is rounded to 4 decimals, the precision of the challenge file, BEFORE
 the threshold is tuned and applied: predictions.csv, metrics.json and the submission then agree on every
-decision (a prediction is always `p1 >= threshold` of the number printed).
-
-Submission (when the cache holds the private split, or `data_root` names its split file):
-  OUT/submission/with_probabilities/trial-0.txt   video_id,p0,p1,pred   (p0 + p1 == 1 exactly as printed)
-  OUT/submission/no_probabilities/trial-0.txt     video_id,pred
-  OUT/submission/info.json                         where the order came from, missing videos, threshold
-No header, one line per video. The line order is the private split file's (`<data_root>/../test-set-30-
-participants-unlabeled/data/split/test.txt`, or `private_root/split/test.txt`) when a BAH root is given.
-The cache itself does not record the split file's order: without a BAH root the lines follow the cache's
-video_id order (sorted), and info.json says so; pass the root to be sure of the organisers' template order.
-A private video missing from the cache (failed extraction) is never dropped silently: the ensemble refuses,
-naming the missing ids, unless `allow_missing`, which writes a placeholder line (p1 = 0.5000) for each,
-lists them in info.json and warns.
+decision (a prediction is always `p1 >= threshold` of the number printed). Runs trained on different caches
+(fingerprints) are refused. When the cache holds the private split (or `data_root` names its split file),
+the challenge files are written too: see heads/submission.py for their order and missing videos.
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-from dataclasses import dataclass, field
-from decimal import Decimal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from extract.errors import AHError
+from heads.submission import (DECIMALS, NO_PROBS, PLACEHOLDER_P1, WITH_PROBS, PrivateOrder,  # noqa: F401 (re-exported)
+                              atomic_write_text, check_missing, format_pair, private_order, private_split_file,
+                              quantise, write_json, write_submission)
 
-DECIMALS = 4
-PLACEHOLDER_P1 = 0.5
 SPLIT_ORDER = ("train", "val", "test", "private")
-SUBMISSION_DIR = "submission"
-WITH_PROBS = Path(SUBMISSION_DIR) / "with_probabilities" / "trial-0.txt"
-NO_PROBS = Path(SUBMISSION_DIR) / "no_probabilities" / "trial-0.txt"
 
 
 class EnsembleError(AHError):
-    """Runs that cannot be combined, a cache without val labels, or private videos missing from the cache."""
+    """Runs that cannot be combined, or a cache without val labels."""
 
 
-# ---- small helpers ---------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def quantise(probs: np.ndarray) -> np.ndarray:
-    """Probabilities rounded to the challenge file's 4 decimals (the number every decision uses)."""
-    return np.round(np.asarray(probs, dtype=np.float64), DECIMALS)
-
-
-def format_pair(p1: float) -> tuple[str, str]:
-    """('p0', 'p1') with 4 decimals whose printed values sum to exactly 1: p1 rounded, p0 = 1 - p1 in decimal."""
-    d1 = Decimal(f"{float(p1):.{DECIMALS}f}")
-    d0 = Decimal(1) - d1
-    return f"{d0:.{DECIMALS}f}", f"{d1:.{DECIMALS}f}"
+# ---- runs ------------------------------------------------------------------------------------------
 
 
 def layers_needed(run, cache=None) -> tuple[str, ...]:
@@ -84,9 +46,6 @@ def layers_needed(run, cache=None) -> tuple[str, ...]:
             takes_cache = len(inspect.signature(fn).parameters) >= 2
             return tuple(fn(run, cache) if takes_cache else fn(run))
     return (getattr(run.train_config, "layer", "last") or "last",)
-
-
-# ---- runs ------------------------------------------------------------------------------------------
 
 
 def check_fingerprints(runs: Sequence[Path], cache_fingerprint: str) -> None:
@@ -141,81 +100,6 @@ def run_probs(runs: Sequence, data, windows: int) -> list[np.ndarray]:
     from heads.infer import predict_split
 
     return [predict_split(r, data, windows=windows)[1] for r in runs]
-
-
-# ---- the private split's order ---------------------------------------------------------------------
-
-
-@dataclass
-class PrivateOrder:
-    video_ids: list[str]                    # the submission's lines, in order
-    source: str                             # the split file read, or a note that the cache order was used
-    missing: list[str] = field(default_factory=list)      # in the order but not in the cache
-    extra: list[str] = field(default_factory=list)        # in the cache but not in the split file (ignored)
-    problems: list[str] = field(default_factory=list)     # split-file lines that could not be read
-
-
-def private_split_file(data_root: Path | None, private_root: Path | None) -> Path | None:
-    """The private split file: private_root/split/test.txt, else <data_root>/../test-set-30-participants-
-    unlabeled/data/split/test.txt. None when neither root is given."""
-    from extract.bah import PRIVATE_DIR
-
-    if private_root is not None:
-        path = Path(private_root) / "split" / "test.txt"
-    elif data_root is not None:
-        path = Path(data_root) / PRIVATE_DIR / "split" / "test.txt"
-    else:
-        return None
-    if not path.is_file():
-        raise EnsembleError(f"{path}: private split file not found (give the BAH root whose "
-                            "../test-set-30-participants-unlabeled/data holds it, or --private-root)")
-    return path
-
-
-def private_order(reader, split_file: Path | None) -> PrivateOrder | None:
-    """The submission's line order and which private videos the cache lacks. None: no private split at all."""
-    from extract.bah import read_split_file
-
-    in_cache = reader.video_ids("private")
-    failed = sorted({str(e.get("video_id")) for e in reader.errors() if e.get("split") == "private"})
-    if split_file is not None:
-        lines, problems = read_split_file(split_file, private=True, split="private")
-        ids = [line.video_id for line in lines]
-        have = set(in_cache)
-        listed = set(ids)
-        return PrivateOrder(ids, str(split_file), [v for v in ids if v not in have],
-                            [v for v in in_cache if v not in listed], [p.problem for p in problems])
-    if not in_cache and not failed:
-        return None
-    ids = sorted(set(in_cache) | set(failed))
-    return PrivateOrder(ids, "cache (video_id order; the cache does not record the split file's order: "
-                             "pass the BAH root to follow it)", [v for v in ids if v not in set(in_cache)])
-
-
-def check_missing(order: PrivateOrder, allow_missing: bool) -> None:
-    if order.missing and not allow_missing:
-        shown = ", ".join(order.missing[:10]) + (f" ... ({len(order.missing)} in all)" if len(order.missing) > 10 else "")
-        raise EnsembleError(f"{len(order.missing)} private video(s) are not in the cache (failed extraction?): "
-                            f"{shown}; re-extract them (ahcli extract ... --repair) or pass --allow-missing to "
-                            "write placeholder lines")
-
-
-def write_submission(out: Path, order: PrivateOrder, probs: dict[str, float], threshold: float) -> dict:
-    """The two challenge files in `order`; missing videos get the placeholder probability. Returns info."""
-    with_p, no_p = [], []
-    for vid in order.video_ids:
-        p1 = probs.get(vid, PLACEHOLDER_P1)
-        s0, s1 = format_pair(p1)
-        pred = int(Decimal(s1) >= Decimal(repr(float(threshold))))
-        with_p.append(f"{vid},{s0},{s1},{pred}\n")
-        no_p.append(f"{vid},{pred}\n")
-    _atomic_write_text(out / WITH_PROBS, "".join(with_p))
-    _atomic_write_text(out / NO_PROBS, "".join(no_p))
-    info = {"lines": len(order.video_ids), "order_source": order.source, "threshold": threshold,
-            "placeholders": order.missing, "placeholder_p1": PLACEHOLDER_P1 if order.missing else None,
-            "ignored_cache_videos": order.extra, "split_file_problems": order.problems}
-    _write_json(out / SUBMISSION_DIR / "info.json", info)
-    return info
 
 
 # ---- the ensemble ----------------------------------------------------------------------------------
@@ -284,7 +168,7 @@ def write_predictions(path: Path, scores: dict[str, SplitScores], threshold: flo
     for s in scores.values():
         for vid, p, y in zip(s.video_ids, s.probs, s.labels):
             w.writerow([vid, s.split, f"{p:.{DECIMALS}f}", int(p >= threshold), "" if np.isnan(y) else int(y)])
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def run_ensemble(
@@ -344,7 +228,7 @@ def run_ensemble(
             if order.source.startswith("cache"):
                 warn("submission lines follow the cache's video_id order; pass --data ROOT to follow the "
                      "private split file's order")
-    _write_json(out / "metrics.json", record)
+    write_json(out / "metrics.json", record)
     return record
 
 
@@ -360,6 +244,6 @@ def _run_record(run, i: int, scores: dict[str, SplitScores], windows: int) -> di
     return rec
 
 
-__all__ = ["EnsembleError", "run_ensemble", "format_pair", "quantise", "layers_needed", "load_runs", "check_fingerprints",
-           "private_order", "private_split_file", "write_submission", "score_splits", "tune_threshold",
-           "PrivateOrder", "SplitScores", "DECIMALS", "WITH_PROBS", "NO_PROBS"]
+__all__ = ["EnsembleError", "run_ensemble", "layers_needed", "load_runs", "check_fingerprints", "score_splits",
+           "tune_threshold", "write_predictions", "SplitScores", "PrivateOrder", "format_pair", "quantise",
+           "WITH_PROBS", "NO_PROBS", "DECIMALS"]

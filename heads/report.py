@@ -201,10 +201,11 @@ def plot_ablation_bars(rows: Sequence["AblationRow"], path: Path, title: str) ->
         ax.bar(x + (k - (len(metrics) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
                label=METRIC_LABELS[m])
     ax.set_xticks(x, [r.setting for r in rows], rotation=30 if len(rows) > 6 else 0, fontsize=8)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.15)                      # headroom for the legend above the bars
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("score (mean ± std over seeds)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncols=len(metrics))
+    ax.legend(fontsize=8, ncols=len(metrics), loc="upper center")
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
@@ -517,7 +518,7 @@ def report_ablation(folder: Path) -> ReportResult:
         name = table or "ablation"
         seeds = {m.seeds for m in members if m.seeds}
         n = f"{min(seeds)}" if seeds and min(seeds) == max(seeds) else (f"{min(seeds)}-{max(seeds)}" if seeds else "")
-        title = name + (f", {n} seed(s)" if n else "")
+        title = name + (f", {n} seed{'' if n == '1' else 's'}" if n else "")
         png = plot_ablation_bars(members, folder / f"ablation_{k}_{_slug(name)}.png", title)
         lines += [f"## {name}", "", "| setting | " + " | ".join(METRIC_LABELS.values()) + " |",
                   "|---|" + "---:|" * len(METRIC_LABELS)]

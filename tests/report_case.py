@@ -6,6 +6,7 @@ blocks trained from the cached prefix states, and their ensemble. Tests must not
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +43,30 @@ def _train(cache: Path, out: Path, label_smoothing: float, unfreeze_top: int = 0
     return out
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one intra-op thread for the duration: these tensors are tiny, and with 2 threads on busy
+    cores OpenMP synchronisation makes each op many times slower. Extraction and `predict` must also run
+    at the same thread count for their audio features to agree bit for bit."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def build(synth_out: Path, spec: Path, tmp_path_factory) -> Case:
     key = (str(synth_out), str(spec))
-    if key in _BUILT:
-        return _BUILT[key]
+    if key not in _BUILT:
+        with one_thread():
+            _BUILT[key] = _build(synth_out, spec, tmp_path_factory)
+    return _BUILT[key]
+
+
+def _build(synth_out: Path, spec: Path, tmp_path_factory) -> Case:
     from extract.run import ExtractOptions, extract
     from heads.ensemble import run_ensemble
 
@@ -58,5 +79,4 @@ def build(synth_out: Path, spec: Path, tmp_path_factory) -> Case:
     run_a = _train(cache, root / "runs" / "A", 0.0, unfreeze_top=2, epochs=2)
     ens = root / "ensemble"
     run_ensemble([run_a, run_b], cache, ens, windows=5, data_root=data, device="cpu")
-    _BUILT[key] = Case(Path(synth_out), data, Path(spec), cache, run_b, run_a, ens)
-    return _BUILT[key]
+    return Case(Path(synth_out), data, Path(spec), cache, run_b, run_a, ens)

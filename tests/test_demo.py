@@ -1,4 +1,4 @@
-"""`ahcli demo`: the whole pipeline end to end on a reduced size (slow), its reuse of finished stages, and
+"""`ahcli demo`: the whole pipeline end to end on a reduced size (~20 s), its reuse of finished stages, and
 the pieces that need no pipeline (option checks, the results table)."""
 from __future__ import annotations
 
@@ -65,7 +65,6 @@ def test_full_model_behind_a_single_modality_is_reported(tmp_path):
     assert ahead is False and margin == pytest.approx(-0.02)
 
 
-@pytest.mark.slow
 def test_demo_end_to_end_and_rerun_reuses_every_stage(tmp_path):
     from ahcli.app import app
 

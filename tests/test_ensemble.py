@@ -46,7 +46,7 @@ def _lines(path: Path) -> list[list[str]]:
 
 def _check_submission(out: Path, order: list[str], threshold: float) -> dict[str, str]:
     """Validate both challenge files; return video_id -> printed p1."""
-    from heads.ensemble import NO_PROBS, WITH_PROBS
+    from heads.submission import NO_PROBS, WITH_PROBS
 
     with_p, no_p = _lines(out / WITH_PROBS), _lines(out / NO_PROBS)
     assert len(with_p) == len(no_p) == len(order)
@@ -76,7 +76,7 @@ def _independent_ensemble(case, split: str, windows: int = 5) -> tuple[list[str]
 
 
 def test_format_pair_prints_probabilities_summing_to_one():
-    from heads.ensemble import format_pair
+    from heads.submission import format_pair
 
     rng = random.Random(0)
     values = [0.0, 1.0, 0.5, 0.99995, 0.00005, 0.12345, 0.98765, 1 / 3, 2 / 3] + [rng.random() for _ in range(2000)]
@@ -151,13 +151,14 @@ def test_submission_follows_the_private_split_file_order(case, tmp_path):
 
 
 def test_private_video_missing_from_the_cache_is_refused_or_placeheld(case, tmp_path):
-    from heads.ensemble import EnsembleError, run_ensemble
+    from heads.ensemble import run_ensemble
+    from heads.submission import SubmissionError
 
     ghost = "Videos/99999/Visite_1/99999_Question_1_2023-01-01_10-00-00_Video.mp4"
     order = case["reader"].video_ids("private")
     order = order[:2] + [ghost] + order[2:]
     data = _private_tree(tmp_path, order, with_labels=False)
-    with pytest.raises(EnsembleError, match="99999_Question_1") as exc:
+    with pytest.raises(SubmissionError, match="99999_Question_1") as exc:
         run_ensemble(case["runs"], case["cache"], tmp_path / "refused", data_root=data)
     assert "\n" not in str(exc.value) and "--allow-missing" in str(exc.value)
     assert not (tmp_path / "refused").exists(), "refused before writing anything"
@@ -174,7 +175,7 @@ def test_private_video_missing_from_the_cache_is_refused_or_placeheld(case, tmp_
 
 def test_failed_private_extraction_is_listed_from_the_cache_errors(case, tmp_path):
     """Without a BAH root, the cache's error records still name the private videos that failed."""
-    from heads.ensemble import check_missing, private_order, EnsembleError
+    from heads.submission import SubmissionError, check_missing, private_order
 
     class Reader:
         def video_ids(self, split=None):
@@ -187,7 +188,7 @@ def test_failed_private_extraction_is_listed_from_the_cache_errors(case, tmp_pat
     order = private_order(Reader(), None)
     assert order.video_ids == ["Videos/1/a.mp4", "Videos/1/b.mp4", "Videos/1/c.mp4"]
     assert order.missing == ["Videos/1/c.mp4"]
-    with pytest.raises(EnsembleError, match="Videos/1/c.mp4"):
+    with pytest.raises(SubmissionError, match="Videos/1/c.mp4"):
         check_missing(order, allow_missing=False)
     check_missing(order, allow_missing=True)
 

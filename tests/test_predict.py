@@ -17,6 +17,12 @@ def case(synth_tree, tiny_specs, tmp_path_factory):
     return report_case.build(synth_tree[0], tiny_specs["zarr"], tmp_path_factory)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with report_case.one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def encoders(case):
     from extract.encoders import load_encoders

@@ -18,6 +18,12 @@ def case(synth_tree, tiny_specs, tmp_path_factory):
     return report_case.build(synth_tree[0], tiny_specs["zarr"], tmp_path_factory)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with report_case.one_thread():
+        yield
+
+
 def _copy_run(src: Path, dst: Path) -> Path:
     """A copy of a run folder (reports write into the folder; the shared one stays untouched)."""
     import shutil
