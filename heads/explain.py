@@ -6,7 +6,8 @@ For one cached video and one run, over the same eval windows `evaluate` averages
 - gradient x input of the full logit with respect to the fusion vector f = [v; a; t; |v-a|; |v-t|; |a-t|],
   summed per block and averaged over the windows. Positive values pushed the video towards A/H. Gradient
   x input is a first-order attribution (the FFN and head are not linear), so the block values need not add
-  up to the logit; they rank what mattered. The conflict pair with the largest |value| is reported;
+  up to the logit; they rank what mattered. The conflict pair reported is the one that pushed the logit
+  most in the direction it went (towards A/H for a positive full logit);
 - the attention-pooling weights of each modality (each sums to 1 over its tokens): per video window, the
   weight of each tubelet (VideoMAE tokens are time-major: frames/tubelet time slices x patches); for the
   audio, per HuBERT token (token i ~ i x 20 ms) and per time bin; for the transcript, per token, mapped back
@@ -138,6 +139,19 @@ def fusion_attribution(model, emb: dict[str, torch.Tensor]) -> tuple[torch.Tenso
         (grad,) = torch.autograd.grad(l_full.sum(), f)
     gx = (grad * f).detach()
     return l_full.detach(), gx.view(gx.shape[0], -1, cfg.dim).sum(-1)
+
+
+def leading_pair(blocks: Sequence[Block], full_logit: float) -> str | None:
+    """The conflict pair that pushed the full logit most in the direction it went (towards A/H when the
+    logit is >= 0, away otherwise); when no pair pushed that way, the pair with the largest |value|."""
+    pairs = [b for b in blocks if b.pair]
+    if not pairs:
+        return None
+    sign = 1.0 if full_logit >= 0 else -1.0
+    along = [b for b in pairs if b.contribution * sign > 0]
+    if along:
+        return max(along, key=lambda b: b.contribution * sign).name
+    return max(pairs, key=lambda b: abs(b.contribution)).name
 
 
 # ---- mapping tokens to time and text ---------------------------------------------------------------
@@ -295,8 +309,7 @@ def explain_video(run_dir: Path, cache: Path, video_id: str, *, data_root: Path 
     names = block_names(mcfg)
     mean_blocks = blocks.mean(0).tolist()
     block_list = [Block(n, float(v), "-" in n) for n, v in zip(names, mean_blocks)]
-    pairs = [b for b in block_list if b.pair]
-    top_pair = max(pairs, key=lambda b: abs(b.contribution)).name if pairs else None
+    top_pair = leading_pair(block_list, float(l_full.mean()))
 
     exp = Explanation(video_id, meta["split"], meta["label"], str(run_dir), w, probs, block_list, top_pair)
     spec = reader.spec
@@ -365,5 +378,5 @@ def _explain_text(exp: Explanation, weights, tokens, source: str, spec: dict, da
 
 
 __all__ = ["Explanation", "HeadProbs", "Block", "WindowWeights", "TimeBin", "Token", "TextWeights", "ExplainError",
-           "Word", "explain_video", "fusion_attribution", "block_names", "time_bins", "slice_weights",
+           "Word", "explain_video", "leading_pair", "fusion_attribution", "block_names", "time_bins", "slice_weights",
            "token_strings", "transcript_of", "words"]

@@ -200,7 +200,7 @@ def plot_ablation_bars(rows: Sequence["AblationRow"], path: Path, title: str) ->
         stds = [r.std.get(m, 0.0) for r in rows]
         ax.bar(x + (k - (len(metrics) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
                label=METRIC_LABELS[m])
-    ax.set_xticks(x, [r.setting for r in rows], rotation=30 if len(rows) > 6 else 0, fontsize=8)
+    ax.set_xticks(x, [r.setting for r in rows], rotation=30 if len(rows) > 8 else 0, fontsize=8)
     ax.set_ylim(0, 1.15)                      # headroom for the legend above the bars
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("score (mean ± std over seeds)")
@@ -442,8 +442,11 @@ def report_run(folder: Path, cache: Path | None = None, windows: int = 5, device
     cfg = _read_json(folder / "config.json")
     model = cfg.get("model", {}) if isinstance(cfg, dict) else {}
     train = cfg.get("train", {}) if isinstance(cfg, dict) else {}
+    top = int(train.get("unfreeze_top") or 0)
     lines += [f"Modalities `{model.get('modalities', '?')}`, conflict features "
-              f"{'on' if model.get('conflict', True) else 'off'}, label smoothing {train.get('label_smoothing', '?')}, "
+              f"{'on' if model.get('conflict', True) else 'off'}, "
+              f"{f'top-{top} encoder blocks trained' if top else 'encoders frozen'}, "
+              f"label smoothing {train.get('label_smoothing', '?')}, "
               f"best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, threshold "
               f"{_fmt(metrics.get('threshold'))}, alpha {_fmt(metrics.get('alpha'))}.", ""]
     curves = _run_curves(folder, folder / "curves.png", folder.name)

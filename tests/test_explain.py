@@ -64,7 +64,9 @@ def test_explain_matches_evaluate_and_weights_sum_to_one(case, which):
     assert 0 <= exp.probs.full <= 1 and 0 <= exp.probs.text <= 1
     assert [b.name for b in exp.blocks] == ["v", "a", "t", "v-a", "v-t", "a-t"]
     pairs = {b.name: b.contribution for b in exp.blocks if b.pair}
-    assert exp.top_pair == max(pairs, key=lambda k: abs(pairs[k]))
+    sign = 1 if exp.probs.full_logit >= 0 else -1
+    along = {k: v * sign for k, v in pairs.items() if v * sign > 0}
+    assert exp.top_pair == (max(along, key=along.get) if along else max(pairs, key=lambda k: abs(pairs[k])))
     _check_sums(exp)
 
 
@@ -113,6 +115,16 @@ def test_attribution_is_exact_for_a_linear_head():
     for k, name in enumerate(block_names(cfg)):
         sl = slice(4 * k, 4 * (k + 1))
         assert torch.allclose(blocks[:, k], (f[:, sl] * w[sl]).sum(1), atol=1e-5), name
+
+
+def test_leading_pair_follows_the_logit_direction():
+    from heads.explain import Block, leading_pair
+
+    blocks = [Block("v", 3.0, False), Block("v-a", -0.5, True), Block("v-t", 0.2, True), Block("a-t", 0.1, True)]
+    assert leading_pair(blocks, 1.0) == "v-t"           # flagged: the pair pushing towards A/H, not the larger |v-a|
+    assert leading_pair(blocks, -1.0) == "v-a"          # not flagged: the pair pushing away
+    assert leading_pair([Block("v-a", -0.5, True), Block("v-t", -0.2, True)], 1.0) == "v-a"
+    assert leading_pair([Block("v", 1.0, False)], 1.0) is None
 
 
 def test_time_bins_and_words():
