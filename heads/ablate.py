@@ -519,8 +519,9 @@ def ablate(
                 run = as_run(result, t.name, data.cache)
                 r_rows, r_ens = evaluate_training(run, t, seed, evals, windows, cap,
                                                   full_model=(t.name == "vat"))
-                rec = {"key": key, "name": t.name, "seed": seed, "rows": [dataclasses.asdict(r) for r in r_rows],
-                       "ens": r_ens}
+                rec = {"key": key, "name": t.name, "seed": seed, "best_epoch": result.best_epoch,
+                       "epochs_run": len(result.history), "seconds": round(result.seconds, 3),
+                       "rows": [dataclasses.asdict(r) for r in r_rows], "ens": r_ens}
                 with open(log_path, "a", encoding="utf-8") as fh:     # one line per finished training
                     fh.write(json.dumps(rec) + "\n")
             rows += _rows_from(rec)

@@ -18,6 +18,17 @@ from heads_fixtures import tiny_model, tiny_train, write_cache
 SIZES = {"train": 32, "val": 16, "test": 16, "private": 5}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and much faster on a busy machine (no spin-waiting)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """A real cache and two finished run folders on it (checkpoints 'A' eps 0 and 'B' eps 0.1)."""
