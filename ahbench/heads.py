@@ -33,7 +33,7 @@ def bah_scale_split(n: int, windows: int, device: str, split: str, seed: int = 0
 
 
 def timed_training(train: SplitData, val: SplitData, pooling: str, epochs: int, device: str) -> float:
-    cfg = TrainConfig(epochs=epochs, patience=epochs, device=device, eval_windows=1)
+    cfg = TrainConfig(epochs=epochs, patience=epochs, device=device)    # val on all its cached windows
     model_cfg = ModelConfig(input_dims={"video": DIM, "audio": DIM, "text": DIM}, pooling=pooling)
     _sync(device)
     t = time.perf_counter()
@@ -42,15 +42,19 @@ def timed_training(train: SplitData, val: SplitData, pooling: str, epochs: int, 
     return time.perf_counter() - t
 
 
-def epoch_seconds(train: SplitData, val: SplitData, pooling: str, device: str) -> float:
+def epoch_seconds(train: SplitData, val: SplitData, pooling: str, device: str, repeats: int = 2) -> float:
     """Seconds of one protocol epoch (train + val + threshold sweep): a warm-up run first (kernels, allocator),
-    then 3 epochs minus 1 epoch, which removes the set-up cost."""
+    then 3 epochs minus 1 epoch, which removes the set-up cost; the least of `repeats` such differences, since
+    noise from other work on the machine only ever adds time."""
     timed_training(train, val, pooling, 1, device)
-    one = timed_training(train, val, pooling, 1, device)
-    three = timed_training(train, val, pooling, 3, device)
-    if three <= one:
-        raise RuntimeError(f"epoch timing by differencing failed ({pooling}: 3 epochs {three:.3f} s, 1 epoch {one:.3f} s)")
-    return (three - one) / 2
+    diffs = []
+    for _ in range(repeats):
+        one = timed_training(train, val, pooling, 1, device)
+        three = timed_training(train, val, pooling, 3, device)
+        diffs.append((three - one) / 2)
+    if min(diffs) <= 0:
+        raise RuntimeError(f"epoch timing by differencing failed ({pooling}: 3 epochs minus 1 = {min(diffs):.3f} s)")
+    return min(diffs)
 
 
 def bench_heads(device: str, quick: bool, encoder_seconds_per_sample: float) -> dict:
@@ -63,9 +67,10 @@ def bench_heads(device: str, quick: bool, encoder_seconds_per_sample: float) -> 
     cuda = device.startswith("cuda")
     cut = quick and not cuda
     n_train, n_val = (64, 10) if cut else (BAH_TRAIN, BAH_VAL)
-    # On the CPU one cached window per video keeps the split in memory (4 GB); each epoch draws one anyway.
+    # On the CPU one cached train window per video keeps the split in memory (2 GB instead of 15 GB); an epoch
+    # draws one window per video anyway, so its cost is the same. Val is scored on all 5, as the protocol does.
     train = bah_scale_split(n_train, 8 if cuda else 1, device, "train", seed=0)
-    val = bah_scale_split(n_val, 5 if cuda else 1, device, "val", seed=1)
+    val = bah_scale_split(n_val, 5, device, "val", seed=1)
     scale = BAH_TRAIN / n_train
     fused = epoch_seconds(train, val, "fused", device) * scale
     literal = epoch_seconds(train, val, "literal", device) * scale
@@ -83,8 +88,9 @@ def bench_heads(device: str, quick: bool, encoder_seconds_per_sample: float) -> 
 
 
 def bench_full_run(device: str) -> dict:
-    """A whole train-heads run under the paper's protocol at BAH scale (max 60 epochs, patience 15)."""
-    train = bah_scale_split(BAH_TRAIN, 8, device, "train", seed=0)
+    """A whole train-heads run under the paper's protocol at BAH scale (max 60 epochs, patience 15). On the
+    CPU one cached train window per video (15 GB less memory, the same work per epoch, as in bench_heads)."""
+    train = bah_scale_split(BAH_TRAIN, 8 if device.startswith("cuda") else 1, device, "train", seed=0)
     val = bah_scale_split(BAH_VAL, 5, device, "val", seed=1)
     cfg = TrainConfig(device=device)
     model_cfg = ModelConfig(input_dims={"video": DIM, "audio": DIM, "text": DIM})

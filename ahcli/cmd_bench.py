@@ -15,6 +15,9 @@ def bench(
                                "head epochs timed on a subset and scaled to BAH size."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
     device: str = typer.Option("auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'."),
+    full_run: bool = typer.Option(None, "--full-run/--no-full-run", show_default="on CUDA, or without --quick",
+                                  help="Also time one whole train-heads run at BAH scale (paper protocol; "
+                                  "about 10 minutes on 2 CPU cores)."),
     workers: int = typer.Option(2, help="Decoding workers for the end-to-end extraction benchmark."),
     results_dir: Path = typer.Option(Path("bench-results"), help="Folder of per-machine JSON results."),
     markdown: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown report rendered from every result in --results-dir."),
@@ -28,7 +31,7 @@ def bench(
         markdown.write_text(render_markdown(results_dir), encoding="utf-8")
 
     results = run_bench(resolve_device(device), quick, workers,
-                        log=lambda s: console.print(f"[bold]bench:[/] {s}"), checkpoint=checkpoint)
+                        log=lambda s: console.print(f"[bold]bench:[/] {s}"), checkpoint=checkpoint, full_run=full_run)
     path = save(results, results_dir)
     console.print(f"results: {path}; report: {markdown}")
     if as_json:

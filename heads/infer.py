@@ -69,15 +69,23 @@ def window_logits(
     wins = torch.arange(w, device=data.device).repeat(n)
     valid = wins < data.n_windows[rows]
     wins = torch.minimum(wins, data.n_windows[rows] - 1)    # past a video's last window: any real one, masked
+    # Audio and the full transcript are the same for all of a video's windows: pooled once per video.
+    per_video = [m for m in modalities if m == "audio" or (m == "text" and text_source != "window")]
+    per_window = [m for m in modalities if m not in per_video]
+    videos_per_batch = max(1, batch_size // w)
     was_training = model.training
     model.eval()
     full, text = [], []
     try:
-        for s in range(0, rows.numel(), batch_size):
-            b = data.batch(rows[s : s + batch_size], wins[s : s + batch_size], modalities=modalities, layer=layer,
-                           text_source=text_source, device=device)
+        for v in range(0, n, videos_per_batch):
+            at = slice(v * w, min(n, v + videos_per_batch) * w)
+            bw = data.batch(rows[at], wins[at], modalities=per_window, layer=layer, text_source=text_source,
+                            device=device)
+            bv = data.batch(rows[at][::w], modalities=per_video, layer=layer, text_source=text_source, device=device)
             with autocast(device, amp):
-                lf, lt = model(b.tokens)
+                emb = {m: model.pools[m](t) for m, t in bw.tokens.items()}
+                emb |= {m: model.pools[m](t).repeat_interleave(w, 0) for m, t in bv.tokens.items()}
+                lf, lt = model.heads(emb)
             full.append(lf.float().cpu())
             if lt is not None:
                 text.append(lt.float().cpu())

@@ -125,7 +125,10 @@ class AttentionPool(nn.Module):
             return _softmax(self.scores(tokens), tokens)
 
     def _fused(self, tokens: Tokens) -> Tensor:
-        # In the weights' precision with autocast off: two matrix-vector products, cheap and exact.
+        # In the weights' precision with autocast off: two matrix-vector products, cheap and exact. Ragged
+        # tokens are padded first: batched products beat the scatter/index ops, forward and backward
+        # (measured on 2 CPU cores: 17 vs 32 ms for 16 x ~1100 audio tokens).
+        tokens = tokens.to_padded()
         with torch.autocast(tokens.values.device.type, enabled=False):
             x = tokens.values.to(self.proj.weight.dtype)
             a = _softmax(x @ (self.proj.weight.t() @ self.query), tokens)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from heads import checkpoint as ckpt
 from heads.data import TEXT_SOURCES, SplitData, resolve_device
+from heads.host_memory import keep_freed_memory
 from heads.infer import WindowLogits, autocast, window_logits
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.model import ConfigError, ConflictAwareModel, ModelConfig, build_model, dataclass_from_dict
@@ -458,6 +459,8 @@ def fit(
     w = cfg.text_weight if model_cfg.has_text else 0.0
     alpha = cfg.alpha if model_cfg.has_text else 0.0
 
+    if device.type == "cpu":
+        keep_freed_memory()
     model = learner.model.to(device)
     opt = make_optimizer(param_groups(model, cfg), cfg, device)
     total_steps = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, cfg.accum)

@@ -167,3 +167,21 @@ def ref_caches(tmp_path_factory, synth_tree, tiny_specs, ahcli_fork) -> dict[str
         assert res.rc == 0, res.err + res.out
         out[backend] = cache
     return out
+
+
+@pytest.fixture(scope="session")
+def report_run_case(synth_tree, tiny_specs, tmp_path_factory):
+    """Finished runs on a real cache of synth_tree (tests/report_case.py): explain, predict and report read it."""
+    import report_case
+
+    return report_case.build(synth_tree[0], tiny_specs["zarr"], tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one intra-op thread for a module of tiny models (see report_case.one_thread); a module opts in
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import report_case
+
+    with report_case.one_thread():
+        yield

@@ -18,15 +18,7 @@ T5 = {f"modality={m}" for m in ("v", "a", "t", "va", "vt", "at", "vat")}
 T6 = {"windows=1", "windows=3", "windows=5", "single_A", "single_B", "ensemble_AB"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a busy machine (no spin-waiting)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

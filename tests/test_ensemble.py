@@ -18,15 +18,7 @@ from heads_fixtures import tiny_model, tiny_train, write_cache
 SIZES = {"train": 32, "val": 16, "test": 16, "private": 5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a busy machine (no spin-waiting)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import report_case
 from heads.explain import block_names, explain_video, fusion_attribution, time_bins, words, Token
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="session")
-def case(synth_tree, tiny_specs, tmp_path_factory):
-    return report_case.build(synth_tree[0], tiny_specs["zarr"], tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with report_case.one_thread():
-        yield
+def case(report_run_case):
+    return report_run_case
 
 
 def _evaluate_probs(run_dir, cache, split):

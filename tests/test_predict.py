@@ -8,19 +8,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import report_case
 from heads.predict import PredictError, derive_video_id, predict_recording
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="session")
-def case(synth_tree, tiny_specs, tmp_path_factory):
-    return report_case.build(synth_tree[0], tiny_specs["zarr"], tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with report_case.one_thread():
-        yield
+def case(report_run_case):
+    return report_run_case
 
 
 @pytest.fixture(scope="session")

@@ -9,19 +9,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import report_case
 from heads.report import PNG_SIGNATURE, ReportError, is_png, linked_files, plot_ablation_bars, read_ablation, write_report
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="session")
-def case(synth_tree, tiny_specs, tmp_path_factory):
-    return report_case.build(synth_tree[0], tiny_specs["zarr"], tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with report_case.one_thread():
-        yield
+def case(report_run_case):
+    return report_run_case
 
 
 def _copy_run(src: Path, dst: Path) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
 import re
 from pathlib import Path
 
@@ -115,6 +116,33 @@ def test_best_epoch_threshold_is_the_sweep_on_blended_val_probabilities(conflict
     wl = window_logits(run.model, val, modalities=run.model_config.present)
     p = (0.6 * torch.sigmoid(wl.text) + 0.4 * torch.sigmoid(wl.full)).mean(1)
     np.testing.assert_allclose(probs, p.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("text_source", ["full", "window"])
+def test_window_logits_pool_per_video_inputs_once_and_match_plain_forwards(text_source):
+    """window_logits pools audio (and the full transcript) once per video; the logits must equal one plain
+    forward per (video, window), including videos with fewer cached windows than asked."""
+    from heads.model import build_model
+
+    _, val = splits(4, 10)
+    val.n_windows[::3] = 1                                   # ragged window counts
+    model = build_model(tiny_model(val), seed=0).eval()
+    wl = window_logits(model, val, modalities=model.cfg.present, text_source=text_source, batch_size=13)
+    w = val.max_windows
+    for i in range(len(val)):
+        wins = torch.arange(w).clamp(max=int(val.n_windows[i]) - 1)
+        b = val.batch(torch.full((w,), i), wins, text_source=text_source)
+        lf, lt = model(b.tokens)
+        torch.testing.assert_close(wl.full[i], lf.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(wl.text[i], lt.detach(), rtol=0, atol=1e-5)
+        assert wl.valid[i].tolist() == [k < int(val.n_windows[i]) for k in range(w)]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's")
+def test_cpu_training_keeps_freed_memory_for_reuse():
+    from heads.host_memory import keep_freed_memory
+
+    assert keep_freed_memory() is True
 
 
 def test_without_text_the_text_head_and_alpha_drop_out(conflict_data, tmp_path):

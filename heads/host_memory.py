@@ -1,0 +1,37 @@
+"""Keep freed host memory for reuse during CPU training.
+
+glibc serves blocks above 32 MB with mmap and unmaps them on free, so every training step page-faults its
+large buffers anew: the FFN's weight gradients (170 MB each at the paper's sizes), the batch's fp32 tokens.
+Measured on 2 CPU cores: a (9216 x 16) @ (16 x 4608) product costs 39 ms into fresh memory and 7 ms into
+reused memory, and a whole BAH-scale step falls from ~460 ms to ~235 ms once freed blocks stay in the
+heap. PyTorch has no caching allocator on the CPU, so the fix is glibc's own knob (mallopt); elsewhere
+(musl, macOS, Windows) this does nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+_M_TRIM_THRESHOLD = -1      # free memory at the heap's top kept before it is returned to the OS
+_M_MMAP_MAX = -4            # 0: never serve an allocation with its own mmap
+_KEEP_BYTES = 2**31 - 1     # mallopt takes an int
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed blocks for reuse (once per process); True where it took effect.
+
+    The process's resident memory then stays near its peak instead of shrinking between steps: right for
+    a training process, which reaches that peak every step anyway.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
