@@ -188,7 +188,8 @@ def render_markdown(folder: Path) -> str:
         title = m.get("gpu") or f"CPU ({m['cores']} cores, {m['cpu']})"
         lines += [f"## {title}{' — quick run' if r['quick'] else ''}", "",
                   f"{r['date']}; torch {v.get('torch')}, transformers {v.get('transformers')}, "
-                  f"commit {str(v.get('git_commit'))[:10]}; peak {r['peak_tflops']:.2f} TFLOP/s ({r['peak_source']}).", "",
+                  f"commit {str(v.get('git_commit'))[:10]}; peak {r['peak_tflops']:.2f} TFLOP/s ({r['peak_source']})"
+                  + (f"; command `{r['command']}`." if r.get("command") else "."), "",
                   "| goal | measured | met |", "|---|---|---|"]
         lines += [f"| {g} | {val} | {met} |" for g, val, met in goals_rows(r)]
         if r.get("encoders"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import typer
@@ -26,7 +27,11 @@ def bench(
     from ahbench.run import render_markdown, run_bench, save
     from extract.run import resolve_device
 
+    flags = ["--quick"] * quick + ([] if full_run is None else ["--full-run" if full_run else "--no-full-run"])
+    command = shlex.join(["ahcli", "bench", *flags, "--device", device, "--workers", str(workers)])
+
     def checkpoint(partial: dict) -> None:
+        partial["command"] = command
         save(partial, results_dir)
         markdown.write_text(render_markdown(results_dir), encoding="utf-8")
 

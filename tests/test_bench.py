@@ -1,0 +1,35 @@
+"""The benchmark report: each goal of the performance issue gets a row with its value, machine and verdict."""
+from __future__ import annotations
+
+import json
+
+from ahbench.run import goals_rows, render_markdown
+
+
+def cpu_result(epoch_s: float, run_s: float | None = None) -> dict:
+    r = {"machine": {"device": "cpu", "cpu": "x86_64", "cores": 2}, "versions": {"torch": "2.13.0"}, "quick": True,
+         "date": "2026-11-26 04:32", "peak_tflops": 0.3, "peak_source": "measured", "errors": {},
+         "command": "ahcli bench --quick --full-run",
+         "heads": {"epoch_s_fused": epoch_s, "epoch_s_literal": 4 * epoch_s, "epoch_s_encoders_every_step": 2700.0,
+                   "epoch_speedup_vs_literal": 4.0, "epoch_speedup_vs_encoders": 2700.0 / epoch_s,
+                   "projected_run_s_60_epochs": 60 * epoch_s, "train_videos_timed": 64, "scaled_to": 778}}
+    if run_s is not None:
+        r["heads_full_run"] = {"run_s": run_s, "epochs": 18}
+    return r
+
+
+def test_cpu_goal_rows_judge_the_60_epoch_bound_and_show_the_measured_run():
+    met = dict((g, (v, ok)) for g, v, ok in goals_rows(cpu_result(11.0, run_s=198.0)))
+    value, ok = met["one train-heads run, BAH scale, < 15 min on 2 CPU cores"]
+    assert ok == "yes (projection)" and "measured 3.3 min (18 of at most 60 epochs)" in value and "11.0 min" in value
+    assert met["head-training epoch, cached vs encoders every step >= 50x"][1] == "yes"
+    slow = dict((g, ok) for g, _, ok in goals_rows(cpu_result(16.0)))
+    assert slow["one train-heads run, BAH scale, < 15 min on 2 CPU cores"] == "no (projection)"
+
+
+def test_markdown_names_machine_command_and_every_goal(tmp_path):
+    (tmp_path / "cpu-2cores-quick.json").write_text(json.dumps(cpu_result(11.0, run_s=198.0)))
+    md = render_markdown(tmp_path)
+    assert "## CPU (2 cores, x86_64) — quick run" in md and "command `ahcli bench --quick --full-run`" in md
+    for goal, _, _ in goals_rows(cpu_result(11.0)):
+        assert f"| {goal} |" in md
