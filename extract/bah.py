@@ -1,9 +1,10 @@
 """The BAH tree (see shared/BAH_LAYOUT.md) -> typed `Video` records, plus a list of `Problem`s.
 
 Quirks handled: spaces and the DESKTOP suffix in ids, raw commas in transcripts (split with maxsplit=2),
-private split lines with or without the placeholder label, BOM and CRLF, numeric frame order,
-`!!python/tuple` timestamps (SafeLoader subclass), a null last end (-> media duration), Whisper's 30 s
-timestamp restarts (-> monotonic offsets), fps from the container with fallbacks.
+private split lines with or without the placeholder label, BOM and CRLF (read, and reported as non-fatal
+problems of the split file), numeric frame order, `!!python/tuple` timestamps (SafeLoader subclass), a null
+last end (-> media duration), Whisper's 30 s timestamp restarts (-> monotonic offsets), fps from the
+container with fallbacks.
 
 Robustness: a video with a fatal problem is left out of `videos` and listed in `problems`; a non-fatal
 oddity keeps the video and adds a problem too. YAML aliases are refused (no billion laughs), transcript
@@ -229,8 +230,13 @@ def read_split_file(path: Path, private: bool, split: str) -> tuple[list[SplitLi
     problems: list[Problem] = []
     rel = f"{path.parent.name}/{path.name}"
     data = path.read_bytes()
+    # Both are read correctly and reported (not fatal): a tool that wrote them may have changed more.
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+        problems.append(Problem(rel, f"{rel}: starts with a UTF-8 byte-order mark (ids read without it)", split,
+                                K_SPLIT_LINE, fatal=False))
+    if b"\r\n" in data:
+        problems.append(Problem(rel, f"{rel}: CRLF line endings (read as LF)", split, K_SPLIT_LINE, fatal=False))
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.rstrip(b"\r")
         if not raw.strip():

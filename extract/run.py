@@ -207,11 +207,11 @@ def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOpt
 
     summary = ExtractSummary(cache=Path(cache_path))
     readable = {v.video_id for v in dataset.videos}
-    fatal = sorted({p.video_id: p for p in dataset.problems if p.video_id not in readable}.items())
-    for video_id, problem in fatal[dist.rank::dist.world]:
-        writer.record_error(video_id, getattr(problem, "split", None) or "unknown", problem.problem)
+    lost = {p.video_id: p for p in dataset.problems if p.fatal and p.video_id not in readable}
+    for video_id, problem in sorted(lost.items())[dist.rank::dist.world]:
+        writer.record_error(video_id, problem.split or "unknown", problem.problem)
         summary.failed[video_id] = problem.problem
-    summary.notes = sorted((p.video_id, p.problem) for p in dataset.problems if p.video_id in readable)
+    summary.notes = sorted((p.video_id, p.problem) for p in dataset.problems if p.video_id not in lost)
 
     mine = shard(dataset.videos, dist)
     if opts.repair:

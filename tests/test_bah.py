@@ -76,7 +76,9 @@ def test_split_parsing_maxsplit_bom_crlf_and_private_styles(tmp_path):
     p.parent.mkdir()
     p.write_bytes(b"\xef\xbb\xbfVideos/1/Visite_1/a b.mp4,1, well, I think, so\r\nVideos/1/Visite_1/c.mp4,0,\r\n\r\n")
     lines, problems = read_split_file(p, private=False, split="train")
-    assert problems == []
+    assert [(x.video_id, x.problem, x.fatal) for x in problems] == [
+        ("split/train.txt", "split/train.txt: starts with a UTF-8 byte-order mark (ids read without it)", False),
+        ("split/train.txt", "split/train.txt: CRLF line endings (read as LF)", False)]
     assert [(l.video_id, l.label, l.transcript) for l in lines] == [
         ("Videos/1/Visite_1/a b.mp4", 1, "well, I think, so"), ("Videos/1/Visite_1/c.mp4", 0, "")]
     q = tmp_path / "split" / "test.txt"
@@ -380,7 +382,7 @@ def test_bom_and_crlf_split_file_reads_exact_ids(tree):
     p = data / "split" / "train.txt"
     p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes().replace(b"\n", b"\r\n"))
     ds = read_bah(data)
-    assert ds.problems == []
+    assert [(p.video_id, p.fatal) for p in ds.problems] == [("split/train.txt", False)] * 2   # BOM, CRLF
     assert {v.video_id for v in ds.split("train")} == {v["video_id"] for v in result["videos"] if v["split"] == "train"}
     assert all(not v.transcript.endswith("\r") for v in ds.videos)
 

@@ -297,6 +297,8 @@ def _hostile_tree(out: Path, dst: Path, facts: list[dict]) -> tuple[Path, dict, 
     write_jpeg(faces / "frame-1.jpg", size=(64, 64), mode="CMYK")
     write_jpeg(faces / "frame-2.jpg", size=(20, 90))
     ok["mixed_face_jpegs"] = f["video_id"]
+    val = data / "split" / "val.txt"            # CRLF: read and noted, never a failed "video"
+    val.write_bytes(val.read_bytes().replace(b"\n", b"\r\n"))
     return data, fail, ok
 
 
@@ -320,6 +322,7 @@ def test_hostile_inputs_are_named_and_everything_else_is_extracted(tmp_path, syn
     for case, needle in (("no_video_stream", "no video stream"), ("empty_transcript", "empty transcript"),
                          ("non_utf8_split_line", "not UTF-8")):
         assert any(ok[case] in n and needle in n for n in notes), (case, notes)
+    assert any("split/val.txt: CRLF line endings" in n for n in notes), notes
 
     # Everything else is extracted; untouched videos hold exactly the clean run's bytes.
     ref = CacheReader(ref_caches["zarr"])
