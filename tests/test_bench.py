@@ -33,3 +33,20 @@ def test_markdown_names_machine_command_and_every_goal(tmp_path):
     assert "## CPU (2 cores, x86_64) — quick run" in md and "command `ahcli bench --quick --full-run`" in md
     for goal, _, _ in goals_rows(cpu_result(11.0)):
         assert f"| {goal} |" in md
+
+
+def test_gpu_goal_rows_judge_extraction_run_ablate_and_ratio():
+    r = {"machine": {"device": "cuda", "cpu": "x86_64", "cores": 16, "gpu": "NVIDIA H100"},
+         "encoders": {"VideoMAE-B": {"share_of_peak": 0.45}}, "extraction": {"clips_per_s": 100.0},
+         "bah_extraction_projection_s": {"from_end_to_end_clips_per_s": 103.0, "sum_of_encoders": 30.0},
+         "heads_full_run": {"run_s": 12.0, "epochs": 20}, "ablate_projection_s": 360.0,
+         "heads": {"epoch_speedup_vs_encoders": 40.0, "epoch_s_fused": 0.3, "epoch_s_encoders_every_step": 12.0}}
+    rows = {g.split(" < ")[0].split(" >= ")[0]: (v, ok) for g, v, ok in goals_rows(r)}
+    assert rows["extract all of BAH"] == (
+        "projected 103.0 s from 100 end-to-end clips/s (the encoders alone at their measured rates: 30.0 s); "
+        "VideoMAE-B at 45% of peak", "yes")
+    assert rows["one train-heads run, paper protocol, BAH scale"][1] == "yes"
+    assert rows["full `ahcli ablate` (3 seeds)"][1] == "yes (projection)"
+    assert rows["head-training epoch, cached vs encoders every step"][1] == "no"
+    r["encoders"]["VideoMAE-B"]["share_of_peak"] = 0.3
+    assert goals_rows(r)[0][2] == "no"
