@@ -44,17 +44,18 @@ def timed_training(train: SplitData, val: SplitData, pooling: str, epochs: int, 
 
 def epoch_seconds(train: SplitData, val: SplitData, pooling: str, device: str, repeats: int = 2) -> float:
     """Seconds of one protocol epoch (train + val + threshold sweep): a warm-up run first (kernels, allocator),
-    then 3 epochs minus 1 epoch, which removes the set-up cost; the least of `repeats` such differences, since
-    noise from other work on the machine only ever adds time."""
+    then the least 3-epoch time minus the least 1-epoch time over `repeats` runs of each, which removes the
+    set-up cost (noise from other work on the machine only ever adds to each timing)."""
     timed_training(train, val, pooling, 1, device)
-    diffs = []
+    ones, threes = [], []
     for _ in range(repeats):
-        one = timed_training(train, val, pooling, 1, device)
-        three = timed_training(train, val, pooling, 3, device)
-        diffs.append((three - one) / 2)
-    if min(diffs) <= 0:
-        raise RuntimeError(f"epoch timing by differencing failed ({pooling}: 3 epochs minus 1 = {min(diffs):.3f} s)")
-    return min(diffs)
+        ones.append(timed_training(train, val, pooling, 1, device))
+        threes.append(timed_training(train, val, pooling, 3, device))
+    epoch = (min(threes) - min(ones)) / 2
+    if epoch <= 0:
+        raise RuntimeError(f"epoch timing by differencing failed ({pooling}: 3 epochs {min(threes):.3f} s, "
+                           f"1 epoch {min(ones):.3f} s)")
+    return epoch
 
 
 def bench_heads(device: str, quick: bool, encoder_seconds_per_sample: float) -> dict:

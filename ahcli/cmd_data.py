@@ -39,7 +39,7 @@ def check_report(root: Path, private_root: Optional[Path] = None, allow_symlinks
         if bucket is not None:
             bucket[p.kind if p.kind in _KIND_COLUMNS else "other"] += 1
     problems = [{"video_id": p.video_id, "problem": p.problem} for p in ds.problems]
-    return {"splits": splits, "problems": problems, "kinds": kinds,
+    return {"splits": splits, "problems": problems, "kinds": kinds, "fatal": [p.fatal for p in ds.problems],
             "private_root": str(ds.private_root) if ds.private_root else None}
 
 
@@ -58,8 +58,9 @@ def _print_table(console: Console, report: dict) -> None:
     console.print(table)
     if report["private_root"] is None:
         console.print("private test set: not found (expected ../test-set-30-participants-unlabeled/data)")
-    for p in report["problems"]:
-        console.print(f"[red]problem[/] {p['video_id']}: {p['problem']}", highlight=False, soft_wrap=True)
+    for p, fatal in zip(report["problems"], report["fatal"]):   # a non-fatal one: the video is still read
+        label = "[red]problem[/]" if fatal else "[yellow]problem (still read)[/]"
+        console.print(f"{label} {p['video_id']}: {p['problem']}", highlight=False, soft_wrap=True)
     if not report["problems"]:
         console.print("[green]no problems[/]")
 

@@ -233,10 +233,10 @@ def read_split_file(path: Path, private: bool, split: str) -> tuple[list[SplitLi
     # Both are read correctly and reported (not fatal): a tool that wrote them may have changed more.
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-        problems.append(Problem(rel, f"{rel}: starts with a UTF-8 byte-order mark (ids read without it)", split,
+        problems.append(Problem(rel, "starts with a UTF-8 byte-order mark (ids read without it)", split,
                                 K_SPLIT_LINE, fatal=False))
     if b"\r\n" in data:
-        problems.append(Problem(rel, f"{rel}: CRLF line endings (read as LF)", split, K_SPLIT_LINE, fatal=False))
+        problems.append(Problem(rel, "CRLF line endings (read as LF)", split, K_SPLIT_LINE, fatal=False))
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.rstrip(b"\r")
         if not raw.strip():

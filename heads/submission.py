@@ -101,7 +101,7 @@ def private_order(reader, split_file: Path | None) -> PrivateOrder | None:
         have = set(in_cache)
         listed = set(ids)
         return PrivateOrder(ids, str(split_file), [v for v in ids if v not in have],
-                            [v for v in in_cache if v not in listed], [p.problem for p in problems])
+                            [v for v in in_cache if v not in listed], [p.problem for p in problems if p.fatal])
     if not in_cache and not failed:
         return None
     ids = sorted(set(in_cache) | set(failed))

@@ -77,8 +77,8 @@ def test_split_parsing_maxsplit_bom_crlf_and_private_styles(tmp_path):
     p.write_bytes(b"\xef\xbb\xbfVideos/1/Visite_1/a b.mp4,1, well, I think, so\r\nVideos/1/Visite_1/c.mp4,0,\r\n\r\n")
     lines, problems = read_split_file(p, private=False, split="train")
     assert [(x.video_id, x.problem, x.fatal) for x in problems] == [
-        ("split/train.txt", "split/train.txt: starts with a UTF-8 byte-order mark (ids read without it)", False),
-        ("split/train.txt", "split/train.txt: CRLF line endings (read as LF)", False)]
+        ("split/train.txt", "starts with a UTF-8 byte-order mark (ids read without it)", False),
+        ("split/train.txt", "CRLF line endings (read as LF)", False)]
     assert [(l.video_id, l.label, l.transcript) for l in lines] == [
         ("Videos/1/Visite_1/a b.mp4", 1, "well, I think, so"), ("Videos/1/Visite_1/c.mp4", 0, "")]
     q = tmp_path / "split" / "test.txt"
