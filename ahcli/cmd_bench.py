@@ -18,7 +18,7 @@ def bench(
     device: str = typer.Option("auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'."),
     full_run: bool = typer.Option(None, "--full-run/--no-full-run", show_default="on CUDA, or without --quick",
                                   help="Also time one whole train-heads run at BAH scale (paper protocol; "
-                                  "measured 3.3 min on 2 CPU cores, early stop at 18 of 60 epochs)."),
+                                  "measured 3.2 min on 2 CPU cores, early stop at 18 of 60 epochs)."),
     workers: int = typer.Option(2, help="Decoding workers for the end-to-end extraction benchmark."),
     results_dir: Path = typer.Option(Path("bench-results"), help="Folder of per-machine JSON results."),
     markdown: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown report rendered from every result in --results-dir."),
