@@ -238,14 +238,18 @@ class Run:
         return int(getattr(self.train_config, "unfreeze_top", 0) or 0)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: not valid JSON ({exc})") from exc
+
+
 def read_config(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise RunError(f"{run_dir}: not a run folder ({CONFIG_FILE} missing)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path}: not valid JSON ({exc})") from exc
+    cfg = _read_json(path)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise RunError(f"{path}: not a heads run config (format {cfg.get('format') if isinstance(cfg, dict) else '?'!r})")
     unknown = sorted(set(cfg) - CONFIG_KEYS)
@@ -288,10 +292,7 @@ def load_run(run_dir: str | Path, cache=None, device: str | torch.device = "cpu"
     metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
         raise RunError(f"{run_dir}: run is incomplete ({METRICS_FILE} missing); finish it with --resume")
-    try:
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{metrics_path}: not valid JSON ({exc})") from exc
+    metrics = _read_json(metrics_path)
     weights_path = run_dir / MODEL_FILE
     if not weights_path.is_file():
         raise RunError(f"{run_dir}: {MODEL_FILE} missing")
