@@ -1,14 +1,23 @@
-"""End-to-end extraction with full-size random-initialised encoders (the real FLOPs) on a synthetic tree."""
+"""End-to-end extraction on a synthetic tree: with full-size random-initialised encoders (the real FLOPs),
+and with instant encoders (the host side alone: decoding, record assembly and cache writes)."""
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
-from extract.encoders import _tiny_tokenizer
+import numpy as np
+import torch
+
+from extract.encoders import _tiny_tokenizer, audio_segment_lengths
 from extract.run import ExtractOptions, extract
+from extract.spec import ExtractionSpec, load_spec
 from extract.synth import write_synthetic_bah
+
+SPEC = Path(__file__).resolve().parent.parent / "cache_spec.yaml"
 
 
 def write_full_size_encoders(out_dir: Path) -> Path:
@@ -27,8 +36,7 @@ def write_full_size_encoders(out_dir: Path) -> Path:
     RobertaModel(RobertaConfig(vocab_size=vocab, max_position_embeddings=514, type_vocab_size=1,
                                pad_token_id=1, bos_token_id=0, eos_token_id=2),
                  add_pooling_layer=False).save_pretrained(out_dir / "text")
-    spec = Path(__file__).resolve().parent.parent / "cache_spec.yaml"
-    text = spec.read_text(encoding="utf-8")
+    text = SPEC.read_text(encoding="utf-8")
     for modality, hub in (("video", "MCG-NJU/videomae-base"), ("audio", "facebook/hubert-base-ls960"),
                           ("text", "SamLowe/roberta-base-go_emotions")):
         text = text.replace(f"model: {hub}", f"model: ./{modality}")
@@ -36,15 +44,57 @@ def write_full_size_encoders(out_dir: Path) -> Path:
     return out_dir / "cache_spec.yaml"
 
 
-def bench_extraction(device: str, videos: int, workers: int, batch_size: int = 16) -> dict:
-    """Extract a synthetic tree end to end (decode in workers, encode, write) and report clips/s."""
+class InstantEncoders:
+    """Stands in for FrozenEncoders with no compute: zero outputs of the full-size models' shapes and the
+    cache's dtype (what the host receives from a GPU that takes no time), so a run times the host alone."""
+
+    def __init__(self, spec: ExtractionSpec, dim: int = 768, patch: int = 16, tubelet: int = 2):
+        from transformers import HubertConfig
+
+        self.spec, self.dim = spec, dim
+        self.video_tokens = (spec.windows.frames // tubelet) * (spec.video.size // patch) ** 2
+        self.audio_config = HubertConfig()
+        self.dtype = getattr(torch, spec.dtype)
+
+    def _out(self, *shape: int) -> dict[str, torch.Tensor]:
+        return {layer: torch.zeros(*shape, self.dim, dtype=self.dtype) for layer in self.spec.layers}
+
+    def weights_id(self) -> dict[str, str]:
+        return {m: "instant" for m in ("video", "audio", "text")}
+
+    def encode_video(self, clips) -> dict[str, torch.Tensor]:
+        return self._out(len(clips), self.video_tokens)
+
+    def encode_audio(self, wave: np.ndarray) -> dict[str, torch.Tensor]:
+        return self._out(sum(self.audio_segment_lengths(len(wave))))
+
+    def encode_text(self, text: str) -> dict[str, torch.Tensor]:
+        return self._out(sum(self.text_segment_lengths(text)))
+
+    def encode_texts(self, texts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        return [self.encode_text(t) for t in texts]
+
+    def audio_segment_lengths(self, n_samples: int) -> list[int]:
+        return audio_segment_lengths(self.audio_config, self.spec, n_samples)
+
+    def text_segment_lengths(self, text: str) -> list[int]:
+        # About one token per word plus <s> and </s> per segment: the real tokenizer is not the point here.
+        words = len(text.split())
+        per = self.spec.text.max_tokens - 2
+        return [min(per, words - i * per) + 2 for i in range(max(math.ceil(words / per), 1))]
+
+
+def bench_extraction(device: str, videos: int, workers: int, batch_size: int = 16, instant: bool = False) -> dict:
+    """Extract a synthetic tree end to end (decode in workers, encode, write) and report clips/s and where
+    the main loop's time went. `instant`: InstantEncoders instead of the full-size models (host side alone)."""
     tmp = Path(tempfile.mkdtemp(prefix="ahbench-extract-"))
     try:
-        spec = write_full_size_encoders(tmp / "encoders")
+        spec = SPEC if instant else write_full_size_encoders(tmp / "encoders")
+        encoders = InstantEncoders(load_spec(spec)) if instant else None
         write_synthetic_bah(tmp / "synth", videos=videos, seed=0, private=0)
         opts = ExtractOptions(device=device, workers=workers, batch_size=batch_size, progress=False)
         t = time.perf_counter()
-        summary = extract(tmp / "synth" / "data", tmp / "cache", spec, opts)
+        summary = extract(tmp / "synth" / "data", tmp / "cache", spec, opts, encoders=encoders)
         wall = time.perf_counter() - t
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -56,4 +106,5 @@ def bench_extraction(device: str, videos: int, workers: int, batch_size: int = 1
         "wall_s_with_model_load": wall,
         "clips_per_s": summary.clips_per_s,
         "workers": workers,
+        "phases_s": dict(summary.phases),
     }

@@ -47,7 +47,7 @@ def extract_cmd(
     exit status is 1; every other video is still extracted. Under `torchrun --nproc-per-node K -m ahcli
     extract ...` each process extracts a disjoint share.
     """
-    from extract.run import ExtractOptions, extract
+    from extract.run import ExtractOptions, extract, phase_report
 
     names = tuple(s.strip() for s in splits.split(",") if s.strip())
     opts = ExtractOptions(splits=names, device=device, batch_size=batch_size, workers=workers, force=force,
@@ -57,6 +57,8 @@ def extract_cmd(
         return
     console.print(f"extracted {summary.extracted} videos ({summary.clips} clips, {summary.clips_per_s:.1f} clips/s), "
                   f"skipped {summary.skipped} already complete, failed {len(summary.failed)}", soft_wrap=True)
+    if summary.extracted:
+        console.print(phase_report(summary), highlight=False, soft_wrap=True)
     for video_id, message in summary.notes:  # odd inputs that were still extracted (no audio track, ...)
         console.print(f"  [yellow]note[/] {video_id}: {message}", highlight=False, soft_wrap=True)
     for video_id, message in sorted(summary.failed.items()):

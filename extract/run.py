@@ -13,10 +13,11 @@ import signal
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +59,8 @@ class ExtractSummary:
     notes: list[tuple[str, str]] = field(default_factory=list)  # (video_id, problem): odd but extracted
     clips: int = 0
     seconds: float = 0.0
+    # Where this process's loop time went (PHASES); the rest is bookkeeping (progress bar, error files).
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def clips_per_s(self) -> float:
@@ -75,6 +78,37 @@ class DecodedVideo:
     window_texts: list[str]
     padded: bool
     error: str | None = None
+
+
+# The main loop's wall time, by what it was doing. The encoders copy their outputs to the host, so on CUDA an
+# encoder's time includes the device finishing its work.
+PHASES = ("waiting for decoding", "video encoder", "audio encoder", "text encoder", "assembling records",
+          "waiting for cache writes")
+
+
+@contextmanager
+def _timed(phases: dict[str, float] | None, name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if phases is not None:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+
+def phase_report(summary: ExtractSummary) -> str:
+    """One line: where the loop's time went, with a hint when the device mostly waited on the host."""
+    total = summary.seconds
+    if total <= 0 or not summary.phases:
+        return ""
+    parts = [f"{name} {summary.phases[name]:.1f} s ({summary.phases[name] / total:.0%})"
+             for name in PHASES if name in summary.phases]
+    line = f"time {total:.1f} s: " + ", ".join(parts)
+    if summary.phases.get("waiting for decoding", 0.0) > 0.3 * total:
+        line += "; decoding is the bottleneck: raise --workers"
+    elif summary.phases.get("waiting for cache writes", 0.0) > 0.3 * total:
+        line += "; the cache writes are the bottleneck: a faster disk, or `backend: hdf5` in the spec"
+    return line
 
 
 def resolve_device(device: str) -> str:
@@ -120,29 +154,38 @@ class _DecodeSet(Dataset):
         return decode_video(self.videos[i], self.spec)
 
 
-def encode_video_record(decoded: DecodedVideo, encoders: FrozenEncoders, spec: ExtractionSpec, batch_size: int) -> VideoRecord:
-    """Run the three encoders on one decoded video and assemble its cache record."""
+def _as_array(parts: list[torch.Tensor], dtype: np.dtype) -> np.ndarray:
+    """Concatenated host tensors as the cache's dtype, copying only where needed (a video's tokens are ~20 MB)."""
+    t = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return t.numpy().astype(dtype, copy=False)
+
+
+def encode_video_record(decoded: DecodedVideo, encoders: FrozenEncoders, spec: ExtractionSpec, batch_size: int,
+                        phases: dict[str, float] | None = None) -> VideoRecord:
+    """Run the three encoders on one decoded video and assemble its cache record (timing each into `phases`)."""
     v = decoded.video
-    arrays: dict[str, np.ndarray] = {}
     dtype = np.dtype(spec.dtype)
     parts: dict[str, list[torch.Tensor]] = {}
-    for lo in range(0, len(decoded.clips), batch_size):
-        for layer, t in encoders.encode_video(decoded.clips[lo:lo + batch_size]).items():
-            parts.setdefault(layer, []).append(t)
-    for layer, ts in parts.items():
-        arrays[f"video/{layer}"] = torch.cat(ts).numpy().astype(dtype)
-    for layer, t in encoders.encode_audio(decoded.wave).items():
-        arrays[f"audio/{layer}"] = t.numpy().astype(dtype)
-    for layer, t in encoders.encode_text(v.transcript).items():
-        arrays[f"text/{layer}"] = t.numpy().astype(dtype)
-    if "prefix" in spec.layers:
-        arrays["audio_segments"] = np.array(encoders.audio_segment_lengths(len(decoded.wave)), dtype=np.int64)
-        arrays["text_segments"] = np.array(encoders.text_segment_lengths(v.transcript), dtype=np.int64)
-    if spec.text.window_aligned:
-        per_window = encoders.encode_texts(decoded.window_texts)
-        for layer in per_window[0]:
-            arrays[f"text_window/{layer}"] = torch.cat([w[layer] for w in per_window]).numpy().astype(dtype)
-        arrays["text_window_lengths"] = np.array([len(w[spec.layers[0]]) for w in per_window], dtype=np.int64)
+    with _timed(phases, "video encoder"):
+        for lo in range(0, len(decoded.clips), batch_size):
+            for layer, t in encoders.encode_video(decoded.clips[lo:lo + batch_size]).items():
+                parts.setdefault(layer, []).append(t)
+    with _timed(phases, "audio encoder"):
+        audio = encoders.encode_audio(decoded.wave)
+    with _timed(phases, "text encoder"):
+        text = encoders.encode_text(v.transcript)
+        per_window = encoders.encode_texts(decoded.window_texts) if spec.text.window_aligned else []
+    with _timed(phases, "assembling records"):
+        arrays = {f"video/{layer}": _as_array(ts, dtype) for layer, ts in parts.items()}
+        arrays.update({f"audio/{layer}": _as_array([t], dtype) for layer, t in audio.items()})
+        arrays.update({f"text/{layer}": _as_array([t], dtype) for layer, t in text.items()})
+        if "prefix" in spec.layers:
+            arrays["audio_segments"] = np.array(encoders.audio_segment_lengths(len(decoded.wave)), dtype=np.int64)
+            arrays["text_segments"] = np.array(encoders.text_segment_lengths(v.transcript), dtype=np.int64)
+        if spec.text.window_aligned:
+            for layer in per_window[0]:
+                arrays[f"text_window/{layer}"] = _as_array([w[layer] for w in per_window], dtype)
+            arrays["text_window_lengths"] = np.array([len(w[spec.layers[0]]) for w in per_window], dtype=np.int64)
     return VideoRecord(
         video_id=v.video_id, split=v.split, label=v.label, pid=v.pid, question=v.question,
         fps=float(v.fps), frame_count=int(v.frame_count), duration=float(v.duration),
@@ -187,15 +230,18 @@ def shard(videos: Sequence[Video], d: _Dist) -> list[Video]:
 
 
 def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOptions,
-            on_progress: Callable[[str, int, int], None] | None = None) -> ExtractSummary:
-    """Extract every video of the chosen splits that the cache does not already hold complete."""
+            on_progress: Callable[[str, int, int], None] | None = None,
+            encoders: FrozenEncoders | None = None) -> ExtractSummary:
+    """Extract every video of the chosen splits that the cache does not already hold complete.
+
+    `encoders` replaces the spec's models (the benchmark's instant encoders time the host side alone)."""
     dist = _init_distributed()
     spec = load_spec(spec_path)
     device = resolve_device(opts.device)
     if device == "cuda" and dist.active:
         device = f"cuda:{dist.local_rank}"
     dataset = read_bah(data_root, private_root=opts.private_root, splits=opts.splits, allow_symlinks=opts.allow_symlinks)
-    encoders = load_encoders(spec, device=device)
+    encoders = encoders if encoders is not None else load_encoders(spec, device=device)
     spec = spec.with_weights_id(encoders.weights_id())
     # CPU results depend on the intra-op thread count (HuBERT's convolutions): recorded with the versions.
     prov = {**provenance(), "torch_threads": torch.get_num_threads()}
@@ -247,15 +293,19 @@ def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders,
         persistent_workers=False, worker_init_fn=partial(_die_with_parent, os.getpid()),
     )
     pending: list[Future] = []
+    phases = summary.phases
     with ThreadPoolExecutor(max_workers=WRITE_THREADS) as io, _progress(opts.progress, len(todo)) as bar:
-        for done, decoded in enumerate(loader, 1):
+        items = iter(loader)
+        for done in range(1, len(todo) + 1):
+            with _timed(phases, "waiting for decoding"):
+                decoded = next(items)
             vid = decoded.video.video_id
             if decoded.error is not None:
                 writer.record_error(vid, decoded.video.split, decoded.error)
                 summary.failed[vid] = decoded.error
             else:
                 try:
-                    record = encode_video_record(decoded, encoders, spec, opts.batch_size)
+                    record = encode_video_record(decoded, encoders, spec, opts.batch_size, phases)
                 except AHError as exc:
                     writer.record_error(vid, decoded.video.split, str(exc))
                     summary.failed[vid] = str(exc)
@@ -265,13 +315,15 @@ def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders,
                     pending.append(io.submit(_write, writer, record))
                     summary.extracted += 1
             # Bounded records in flight: bounded memory, writes still overlap compute.
-            while len(pending) > 2 * WRITE_THREADS:
-                _settle(pending.pop(0), writer, summary)
+            with _timed(phases, "waiting for cache writes"):
+                while len(pending) > 2 * WRITE_THREADS:
+                    _settle(pending.pop(0), writer, summary)
             bar.advance(summary.clips)
             if on_progress is not None:
                 on_progress(vid, done, len(todo))
-        for f in pending:
-            _settle(f, writer, summary)
+        with _timed(phases, "waiting for cache writes"):
+            for f in pending:
+                _settle(f, writer, summary)
 
 
 def _die_with_parent(parent: int, _worker_id: int) -> None:
@@ -333,11 +385,12 @@ class _progress:
 
 
 def _gather_summary(s: ExtractSummary, cache_path: Path) -> ExtractSummary:
-    """Sum the ranks' counts; the failures are read back from the cache's error files (all ranks wrote there)."""
+    """Sum the ranks' counts; the failures are read back from the cache's error files (all ranks wrote there).
+    Time and phases stay this rank's own."""
     import torch.distributed as dist
 
     counts = torch.tensor([s.extracted, s.skipped, s.clips], dtype=torch.int64)
     dist.all_reduce(counts)
     failed = {e["video_id"]: e["message"] for e in CacheReader(cache_path).errors()}
     return ExtractSummary(cache=s.cache, extracted=int(counts[0]), skipped=int(counts[1]), failed=failed,
-                          notes=s.notes, clips=int(counts[2]), seconds=s.seconds)
+                          notes=s.notes, clips=int(counts[2]), seconds=s.seconds, phases=s.phases)

@@ -1,9 +1,17 @@
-"""The benchmark report: each goal of the performance issue gets a row with its value, machine and verdict."""
+"""The benchmark report: each goal of the performance issue gets a row with its value, machine and verdict;
+the host-side extraction benchmark writes a valid full-size cache and says where the loop's time went."""
 from __future__ import annotations
 
 import json
+import time
 
+import numpy as np
+
+from ahbench.extraction import SPEC, InstantEncoders
 from ahbench.run import goals_rows, render_markdown
+from extract.run import PHASES, ExtractOptions, ExtractSummary, extract, phase_report
+from extract.spec import load_spec
+from extract.store import CacheReader
 
 
 def cpu_result(epoch_s: float, run_s: float | None = None) -> dict:
@@ -38,15 +46,63 @@ def test_markdown_names_machine_command_and_every_goal(tmp_path):
 def test_gpu_goal_rows_judge_extraction_run_ablate_and_ratio():
     r = {"machine": {"device": "cuda", "cpu": "x86_64", "cores": 16, "gpu": "NVIDIA H100"},
          "encoders": {"VideoMAE-B": {"share_of_peak": 0.45}}, "extraction": {"clips_per_s": 100.0},
-         "bah_extraction_projection_s": {"from_end_to_end_clips_per_s": 103.0, "sum_of_encoders": 30.0},
+         "bah_extraction_projection_s": {"from_end_to_end_clips_per_s": 103.0, "sum_of_encoders": 30.0,
+                                         "host_side_alone": 40.0},
          "heads_full_run": {"run_s": 12.0, "epochs": 20}, "ablate_projection_s": 360.0,
          "heads": {"epoch_speedup_vs_encoders": 40.0, "epoch_s_fused": 0.3, "epoch_s_encoders_every_step": 12.0}}
     rows = {g.split(" < ")[0].split(" >= ")[0]: (v, ok) for g, v, ok in goals_rows(r)}
     assert rows["extract all of BAH"] == (
-        "projected 103.0 s from 100 end-to-end clips/s (the encoders alone at their measured rates: 30.0 s); "
-        "VideoMAE-B at 45% of peak", "yes")
+        "projected 103.0 s from 100 end-to-end clips/s (the encoders alone at their measured rates: 30.0 s; "
+        "the host side alone: 40.0 s); VideoMAE-B at 45% of peak", "yes")
     assert rows["one train-heads run, paper protocol, BAH scale"][1] == "yes"
     assert rows["full `ahcli ablate` (3 seeds)"][1] == "yes (projection)"
     assert rows["head-training epoch, cached vs encoders every step"][1] == "no"
     r["encoders"]["VideoMAE-B"]["share_of_peak"] = 0.3
     assert goals_rows(r)[0][2] == "no"
+
+
+class _SlowAudio:
+    """InstantEncoders whose audio encoder takes a known time: the loop must book it as the audio encoder's."""
+
+    def __init__(self, inner: InstantEncoders, seconds: float):
+        self.inner, self.seconds = inner, seconds
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode_audio(self, wave):
+        time.sleep(self.seconds)
+        return self.inner.encode_audio(wave)
+
+
+def test_instant_encoders_fill_a_valid_full_size_cache_and_each_phase_is_timed(synth_tree, tmp_path):
+    spec = load_spec(SPEC)
+    encoders = _SlowAudio(InstantEncoders(spec), 0.05)
+    opts = ExtractOptions(workers=0, progress=False)
+    summary = extract(synth_tree[0] / "data", tmp_path / "cache", SPEC, opts, encoders=encoders)
+    reader = CacheReader(tmp_path / "cache")
+    assert summary.failed == {} and summary.extracted == len(reader.video_ids()) > 10
+    assert reader.verify() == []
+    train = reader.video_ids("train")[0]
+    video = reader.window(train, "video/last", 0)
+    assert video.shape == (1568, 768) and video.dtype == np.float16  # VideoMAE-B's tokens of a 16x224x224 clip
+    rec = reader.record(train)
+    assert len(rec.window_starts) == spec.windows.train
+
+    assert set(summary.phases) == set(PHASES)
+    assert summary.phases["audio encoder"] >= 0.05 * summary.extracted
+    assert summary.phases["video encoder"] < summary.phases["audio encoder"]
+    assert sum(summary.phases.values()) <= summary.seconds
+    assert "audio encoder" in phase_report(summary)
+
+
+def test_phase_report_names_the_bottleneck():
+    def report(**phases: float) -> str:
+        return phase_report(ExtractSummary(cache=None, seconds=10.0, phases=phases))
+
+    waiting = report(**{"waiting for decoding": 6.0, "video encoder": 3.0})
+    assert waiting.startswith("time 10.0 s: waiting for decoding 6.0 s (60%), video encoder 3.0 s (30%)")
+    assert "raise --workers" in waiting
+    assert "backend: hdf5" in report(**{"waiting for cache writes": 4.0, "video encoder": 5.0})
+    busy = report(**{"video encoder": 8.0, "waiting for decoding": 1.0})
+    assert "bottleneck" not in busy and busy.index("waiting for decoding") < busy.index("video encoder")
