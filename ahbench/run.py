@@ -19,6 +19,7 @@ from ahbench.extraction import bench_extraction
 from ahbench.flops import device_peak_tflops
 from ahbench.heads import bench_full_run, bench_heads
 from ahbench.io import bench_cache, bench_decode
+from extract.run import PHASES
 from extract.store import provenance
 
 # BAH (paper Table 2 and BAH_LAYOUT.md): 778 train videos with K=8 windows, 124+525+161 others with N=5.
@@ -188,7 +189,8 @@ def _phases(x: dict[str, Any]) -> str:
     phases = x.get("phases_s")
     if not phases:
         return ""
-    return f"; main loop {x['loop_s']:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+    order = [k for k in PHASES if k in phases] + sorted(set(phases) - set(PHASES))
+    return f"; main loop {x['loop_s']:.1f} s: " + ", ".join(f"{k} {phases[k]:.1f} s" for k in order)
 
 
 def _num(x: float | None, fmt: str) -> str:
