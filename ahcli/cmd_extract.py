@@ -1,6 +1,7 @@
 """Stage 1 commands: `encoders tiny`, `extract`, `cache info`, `cache verify`."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -45,7 +46,8 @@ def extract_cmd(
 
     Resumable: a rerun skips videos already complete. Videos that fail are listed in CACHE/errors and the
     exit status is 1; every other video is still extracted. Under `torchrun --nproc-per-node K -m ahcli
-    extract ...` each process extracts a disjoint share.
+    extract ...` each process extracts a disjoint share. The last line says where the time went (waiting
+    for decoding, each encoder, waiting for cache writes) and names the bottleneck when there is one.
     """
     from extract.run import ExtractOptions, extract, phase_report
 
@@ -104,5 +106,7 @@ def cache_verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> Non
 
 def register(app: typer.Typer) -> None:
     app.add_typer(encoders_app, name="encoders")
-    app.command("extract")(extract_cmd)
+    # This typer keeps the single line breaks of a docstring's later paragraphs: give it reflowed text.
+    doc = inspect.cleandoc(extract_cmd.__doc__ or "")
+    app.command("extract", help="\n\n".join(" ".join(par.split()) for par in doc.split("\n\n")))(extract_cmd)
     app.add_typer(cache_app, name="cache")
