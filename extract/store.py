@@ -592,6 +592,12 @@ class CacheReader:
     def array_names(self, video_id: str) -> list[str]:
         return sorted(self._attrs(video_id)["arrays"])
 
+    def array_nbytes(self, video_id: str, names: Sequence[str]) -> int:
+        """Bytes the named arrays take in memory, from the unit's declared shapes (nothing is read)."""
+        arrays = self._attrs(video_id)["arrays"]
+        return sum(int(np.prod(arrays[n]["shape"])) * np.dtype(arrays[n]["dtype"]).itemsize
+                   for n in names if n in arrays)
+
     def record(self, video_id: str, keys: Sequence[str] | None = None, check: bool = False) -> VideoRecord:
         """Metadata plus the requested arrays (all when keys is None); `check` also verifies checksums."""
         attrs = self._attrs(video_id)

@@ -409,6 +409,8 @@ def load_split(
     seg_keys = {m: SEGMENT_KEYS[m] for m in ("audio", "text") if m in modalities and "prefix" in layers}
     keys += list(seg_keys.values())
 
+    _check_memory(reader, split, sum(reader.array_nbytes(vid, keys) for vid in ids))
+
     labels = np.full(len(ids), np.nan, dtype=np.float32)
     n_windows = np.zeros(len(ids), dtype=np.int64)
     video: dict[str, Tensor] = {}
@@ -455,6 +457,19 @@ def load_split(
             getattr(data, kind)[layer].parts = _parts(seg_lengths[kind])
     target = placement(data.nbytes(), resolve_device(device))
     return data.to(target) if target.type != "cpu" else data
+
+
+def _check_memory(reader, split: str, need: int) -> None:
+    """Refuse, before reading, a split that cannot fit in the host's available memory: the alternative is
+    the kernel killing the process minutes into the load, without a word. (A split bound for the GPU is
+    built on the host first.)"""
+    from heads.host_memory import available_bytes
+
+    have = available_bytes()
+    if have is not None and need > have:
+        raise DataError(f"{_where(reader)}: the {split} split needs {need / 1e9:.1f} GB of memory and "
+                        f"{have / 1e9:.1f} GB is available; free memory, use a machine with more, or extract "
+                        f"a cache with fewer windows per video (`windows:` in the spec)")
 
 
 def _check_layers(reader, layers: Sequence[str]) -> None:

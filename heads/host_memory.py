@@ -1,4 +1,4 @@
-"""Keep freed host memory for reuse during CPU training.
+"""Host memory: keep freed memory for reuse during CPU training; how much memory is available.
 
 glibc serves blocks above 32 MB with mmap and unmaps them on free, so every training step page-faults its
 large buffers anew: the FFN's weight gradients (170 MB each at the paper's sizes), the batch's fp32 tokens.
@@ -35,3 +35,15 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+
+
+def available_bytes() -> int | None:
+    """Memory the kernel says can be allocated without swapping (Linux MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -3,6 +3,8 @@ the host-side extraction benchmark writes a valid full-size cache and says where
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -106,3 +108,13 @@ def test_phase_report_names_the_bottleneck():
     assert "backend: hdf5" in report(**{"waiting for cache writes": 4.0, "video encoder": 5.0})
     busy = report(**{"video encoder": 8.0, "waiting for decoding": 1.0})
     assert "bottleneck" not in busy and busy.index("waiting for decoding") < busy.index("video encoder")
+
+
+def test_bah_sized_cache_module_writes_a_tree_and_a_full_size_cache(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ahbench.bah_sized_cache", str(tmp_path), "--videos", "4",
+                           "--private", "1", "--workers", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "cache: 5 videos" in proc.stdout and "0 failed" in proc.stdout
+    reader = CacheReader(tmp_path / "cache")
+    assert reader.verify() == [] and len(reader.video_ids("private")) == 1
+    assert reader.window(reader.video_ids()[0], "video/last", 0).shape == (1568, 768)

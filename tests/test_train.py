@@ -274,6 +274,30 @@ def test_load_split_from_a_real_cache(cache_dir):
         load_split(reader, "nonexistent")
 
 
+def test_load_split_refuses_a_split_larger_than_the_available_memory_before_reading(cache_dir, monkeypatch):
+    import heads.host_memory
+    from extract.store import CacheReader
+
+    reader = CacheReader(cache_dir)
+    ids = reader.video_ids("train")
+    declared = sum(reader.array_nbytes(v, ["video/last"]) for v in ids)
+    data = load_split(reader, "train", device="cpu")
+    assert declared == data.video["last"].numel() * data.video["last"].element_size()
+    need = sum(reader.array_nbytes(v, [n for n in reader.array_names(v) if "/" in n] + ["text_window_lengths"])
+               for v in ids)
+    assert 0.9 * data.nbytes() < need <= data.nbytes()     # the loaded split adds only labels and offsets
+
+    assert (heads.host_memory.available_bytes() or 1) > 0
+    reads, record = [], CacheReader.record
+    monkeypatch.setattr(CacheReader, "record", lambda self, *a, **k: reads.append(a) or record(self, *a, **k))
+    monkeypatch.setattr(heads.host_memory, "available_bytes", lambda: need - 1)
+    with pytest.raises(DataError, match=r"the train split needs 0\.0 GB of memory and 0\.0 GB is available"):
+        load_split(reader, "train", device="cpu")
+    assert reads == []                                      # refused before reading a single video
+    monkeypatch.setattr(heads.host_memory, "available_bytes", lambda: need)
+    assert len(load_split(reader, "train", device="cpu")) == len(ids) == len(reads)
+
+
 def test_cli_train_heads_then_evaluate(cache_dir, tmp_path):
     from ahcli.app import app
 
