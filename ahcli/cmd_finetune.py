@@ -10,8 +10,8 @@ from pathlib import Path
 
 import typer
 
-from ahcli.cmd_heads import (OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_DEVICE, OPT_DIM, OPT_ENCODER_LR_SCALE,
-                             OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT, OPT_HEAD_DROPOUT, OPT_HEAD_HIDDEN, OPT_JSON,
+from ahcli.cmd_heads import (OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CHECKPOINT_EVERY, OPT_DEVICE, OPT_DIM,
+                             OPT_ENCODER_LR_SCALE, OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT, OPT_HEAD_DROPOUT, OPT_HEAD_HIDDEN, OPT_JSON,
                              OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN, OPT_MODALITIES, OPT_NO_CONFLICT, OPT_PATIENCE,
                              OPT_POOLING, OPT_RESUME, OPT_SEED, OPT_STOP_AFTER, OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT,
                              OPT_WEIGHT_DECAY, Pooling, TextSource, console, model_options, report_result,
@@ -54,6 +54,7 @@ def finetune_cmd(
     device: str = OPT_DEVICE,
     amp: bool = OPT_AMP,
     resume: bool = OPT_RESUME,
+    checkpoint_every: float = OPT_CHECKPOINT_EVERY,
     json_out: bool = OPT_JSON,
     stop_after: int = OPT_STOP_AFTER,
 ) -> None:
@@ -65,7 +66,8 @@ def finetune_cmd(
     cfg = train_config(seed=seed, epochs=epochs, patience=patience, lr=lr, lr_min=lr_min, weight_decay=weight_decay,
                        batch_size=batch_size, accum=accum, text_weight=text_weight, label_smoothing=label_smoothing,
                        alpha=alpha, eval_windows=eval_windows, text_source=text_source, amp=amp, device=device,
-                       unfreeze_top=unfreeze_top, encoder_lr_scale=encoder_lr_scale)
+                       unfreeze_top=unfreeze_top, encoder_lr_scale=encoder_lr_scale,
+                       checkpoint_seconds=checkpoint_every)
     opts = model_options(modalities=modalities, no_conflict=no_conflict, dim=dim, head_hidden=head_hidden,
                          head_dropout=head_dropout, ffn_dropout=ffn_dropout, pooling=pooling)
     check_out_folder(out, resume)

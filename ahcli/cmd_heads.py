@@ -57,18 +57,22 @@ OPT_AMP = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA (the 
 OPT_RESUME = typer.Option(False, "--resume", help="Continue the interrupted run in OUT (or start it when there is none).")
 OPT_JSON = typer.Option(False, "--json", help="Print the final metrics.json on stdout.")
 OPT_STOP_AFTER = typer.Option(0, "--stop-after", hidden=True, help="Stop after this epoch's checkpoint (testing).")
+OPT_CHECKPOINT_EVERY = typer.Option(
+    60.0, "--checkpoint-every", help="Least seconds between resume checkpoints (~1 GB each at the paper's sizes); "
+    "the last epoch is always written. 0: after every epoch.")
 
 
 def train_config(*, seed, epochs, patience, lr, lr_min, weight_decay, batch_size, accum, text_weight,
                  label_smoothing, alpha, eval_windows, text_source, amp, device, unfreeze_top=0,
-                 encoder_lr_scale=0.1):
+                 encoder_lr_scale=0.1, checkpoint_seconds=60.0):
     from heads.train import TrainConfig
 
     return TrainConfig(seed=seed, epochs=epochs, patience=patience, lr=lr, lr_min=min(lr_min, lr),
                        weight_decay=weight_decay, batch_size=batch_size, accum=accum, text_weight=text_weight,
                        label_smoothing=label_smoothing, alpha=alpha, eval_windows=eval_windows,
                        text_source=TextSource(text_source).value, amp=amp, device=device,
-                       unfreeze_top=unfreeze_top, encoder_lr_scale=encoder_lr_scale)
+                       unfreeze_top=unfreeze_top, encoder_lr_scale=encoder_lr_scale,
+                       checkpoint_seconds=checkpoint_seconds)
 
 
 def model_options(*, modalities, no_conflict, dim, head_hidden, head_dropout, ffn_dropout, pooling) -> dict:
@@ -161,6 +165,7 @@ def train_heads_cmd(
     device: str = OPT_DEVICE,
     amp: bool = OPT_AMP,
     resume: bool = OPT_RESUME,
+    checkpoint_every: float = OPT_CHECKPOINT_EVERY,
     json_out: bool = OPT_JSON,
     stop_after: int = OPT_STOP_AFTER,
 ) -> None:
@@ -177,7 +182,8 @@ def train_heads_cmd(
     cfg = train_config(seed=seed, epochs=epochs, patience=patience, lr=lr, lr_min=lr_min, weight_decay=weight_decay,
                        batch_size=batch_size, accum=accum, text_weight=text_weight, label_smoothing=label_smoothing,
                        alpha=alpha, eval_windows=eval_windows, text_source=text_source, amp=amp, device=device,
-                       unfreeze_top=unfreeze_top, encoder_lr_scale=encoder_lr_scale)
+                       unfreeze_top=unfreeze_top, encoder_lr_scale=encoder_lr_scale,
+                       checkpoint_seconds=checkpoint_every)
     check_out_folder(out, resume)          # before the (possibly long) load
     reader = CacheReader(cache)
     if unfreeze_top:

@@ -409,7 +409,8 @@ def load_split(
     seg_keys = {m: SEGMENT_KEYS[m] for m in ("audio", "text") if m in modalities and "prefix" in layers}
     keys += list(seg_keys.values())
 
-    _check_memory(reader, split, sum(reader.array_nbytes(vid, keys) for vid in ids))
+    if hasattr(reader, "array_nbytes"):   # a whole cache (the one-video readers of heads/single.py are small)
+        _check_memory(reader, split, sum(reader.array_nbytes(vid, keys) for vid in ids))
 
     labels = np.full(len(ids), np.nan, dtype=np.float32)
     n_windows = np.zeros(len(ids), dtype=np.int64)

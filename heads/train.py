@@ -12,7 +12,9 @@
   probabilities averaged over the cached eval windows; early stopping on that Macro F1 (patience 15,
   max 60 epochs); the best epoch's weights and threshold are kept. Ties keep the earlier epoch.
 Random draws come from generators seeded by (seed, epoch), so an epoch's numbers depend only on the state
-at its start: a resumed run continues exactly like an uninterrupted one. On the CPU everything is
+at its start: a resumed run continues exactly like an uninterrupted one, from the last checkpoint (written
+in a background thread at most every `checkpoint_seconds`, and always after the last or an interrupted
+epoch: at the paper's sizes a checkpoint is ~1 GB, slower to write than a GPU epoch). On the CPU everything is
 deterministic; on CUDA, bf16 autocast is used (amp) and atomics make the last bits vary.
 
 The loop (`fit`) is shared by every data path through a `Learner`: how an epoch's accumulation groups are
@@ -71,8 +73,11 @@ class TrainConfig:
     device: str = "auto"             # where to train; not part of a run's identity
     unfreeze_top: int = 0            # top encoder blocks trained too (0: heads only); reads the 'prefix' layer
     encoder_lr_scale: float = 0.1    # their learning rate = lr x this (paper: 3e-6 for lr 3e-5)
+    # Least seconds between resume checkpoints (model + optimizer: ~1 GB at the paper's sizes, seconds to
+    # write); the last epoch and an interrupted run are always written. 0: after every epoch.
+    checkpoint_seconds: float = 60.0
 
-    RUNTIME = ("device", "eval_batch_size")   # options a resumed run may change
+    RUNTIME = ("device", "eval_batch_size", "checkpoint_seconds")   # options a resumed run may change
 
     def __post_init__(self) -> None:
         checks = [
@@ -88,6 +93,7 @@ class TrainConfig:
             (self.eval_windows >= 0, "eval_windows must be >= 0"),
             (self.unfreeze_top >= 0, "unfreeze_top must be >= 0"),
             (self.encoder_lr_scale > 0, "encoder_lr_scale must be > 0"),
+            (self.checkpoint_seconds >= 0, "checkpoint_seconds must be >= 0"),
             (self.unfreeze_top == 0 or self.layer == "last",
              "with unfreeze_top the heads read the top blocks' output: layer must be 'last'"),
         ]
@@ -482,6 +488,7 @@ def fit(
     progress = TrainProgress(cfg.epochs, st.epoch)
     stopped_early = st.bad_epochs >= cfg.patience
     interrupted = False
+    last_write, written_best = time.perf_counter(), st.best_epoch     # the best file on disk names st's
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             while st.epoch < cfg.epochs and not stopped_early:
@@ -504,8 +511,6 @@ def fit(
                     st.bad_epochs += 1
                 stopped_early = st.bad_epochs >= cfg.patience
                 st.seconds += time.perf_counter() - t0
-                if writer is not None:
-                    writer.save(model, opt, sched, st, best_weights if improved else None)
                 progress.epoch = epoch
                 progress.best_epoch, progress.best_f1 = st.best_epoch, st.best_f1
                 try:
@@ -513,9 +518,13 @@ def fit(
                         on_epoch(rec, progress)
                 except TrainingStopped:
                     interrupted = True
-                    break
                 if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs and not stopped_early:
                     interrupted = True
+                last = interrupted or stopped_early or epoch >= cfg.epochs
+                if writer is not None and (last or time.perf_counter() - last_write >= cfg.checkpoint_seconds):
+                    writer.save(model, opt, sched, st, best_weights if st.best_epoch != written_best else None)
+                    last_write, written_best = time.perf_counter(), st.best_epoch
+                if interrupted:
                     break
     finally:
         if writer is not None:

@@ -438,7 +438,7 @@ def test_the_code_scan_catches_what_it_looks_for(tmp_path):
 # ----------------------------------------------------------------- 5. training: kill, resume, tampering
 
 HEADS_ARGS = ["--epochs", "24", "--patience", "24", "--dim", "64", "--head-hidden", "64", "--batch-size", "2",
-              "--accum", "1", "--lr", "1e-3", "--device", "cpu", "--json"]
+              "--accum", "1", "--lr", "1e-3", "--device", "cpu", "--checkpoint-every", "0", "--json"]
 
 
 def _checkpoint_files_load(run: Path) -> None:

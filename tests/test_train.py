@@ -191,6 +191,30 @@ def test_resume_reaches_the_same_final_numbers(conflict_data, tmp_path):
     assert again.best_epoch == full.best_epoch
 
 
+def test_checkpoints_are_throttled_but_the_interrupted_epoch_is_written(conflict_data, tmp_path, monkeypatch):
+    import heads.train as train_module
+
+    train, val = conflict_data
+    mc = tiny_model(train)
+    full = train_heads(train, val, mc, tiny_train(epochs=5, patience=5), tmp_path / "full")
+    written, write = [], train_module._write_epoch
+    monkeypatch.setattr(train_module, "_write_epoch",
+                        lambda out, tensors, meta, best, best_epoch: written.append((meta["state"]["epoch"], best is not None))
+                        or write(out, tensors, meta, best, best_epoch))
+    every = tiny_train(epochs=5, patience=5, checkpoint_seconds=0)
+    train_heads(train, val, mc, every, tmp_path / "every", stop_after=3)
+    assert [e for e, _ in written] == [1, 2, 3]
+    written.clear()
+    rare = tiny_train(epochs=5, patience=5, checkpoint_seconds=1e9)
+    train_heads(train, val, mc, rare, tmp_path / "rare", stop_after=3)
+    assert written == [(3, True)]                    # one checkpoint, carrying the best weights of epochs 1-3
+    written.clear()
+    done = train_heads(train, val, mc, rare, tmp_path / "rare", resume=True)
+    assert [e for e, _ in written] == [5]            # the last epoch
+    assert [h.__dict__ for h in done.history] == [h.__dict__ for h in full.history]
+    assert (tmp_path / "rare/model.safetensors").read_bytes() == (tmp_path / "full/model.safetensors").read_bytes()
+
+
 def test_callback_interruption_then_resume(conflict_data, tmp_path):
     train, val = conflict_data
     mc, tc = tiny_model(train, "vt"), tiny_train(epochs=4, patience=4)
