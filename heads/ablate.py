@@ -30,7 +30,6 @@ import dataclasses
 import inspect
 import io
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from extract.errors import AHError
+from heads.checkpoint import atomic_write_text
 
 SUBSETS = ("v", "a", "t", "va", "vt", "at", "vat")
 QUICK_SUBSETS = ("v", "a", "t", "vat")
@@ -226,7 +226,7 @@ def evaluate_training(run, t: Training, seed: int, evals: dict[str, Any], window
 
 def ensemble_rows(seed: int, a: dict[str, list[float]], b: dict[str, list[float]], labels: dict[str, np.ndarray],
                   cap: int) -> list[Row]:
-    from heads.ensemble import quantise
+    from heads.submission import quantise
 
     pairs = {s: (quantise((np.asarray(a[s]) + np.asarray(b[s])) / 2), labels[s]) for s in a}
     return score("6", "ensemble_AB", seed, pairs["val"], pairs.get("test"), alpha=None,
@@ -277,13 +277,7 @@ def write_csv(path: Path, rows: Sequence[Row]) -> None:
         for k in METRICS:
             d[f"{k}_std"] = r.std.get(k) if r.std else None
         w.writerow([_fmt(d.get(c)) for c in CSV_COLUMNS])
-    _atomic_write_text(path, buf.getvalue())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())
 
 
 def cell(r: Row | None, k: str) -> str:
@@ -492,7 +486,7 @@ def ablate(
     key = _log_key(data.fingerprint, base, quick, windows)
     done = _read_log(log_path, key) if resume else {}
     # Keep only this ablation's complete records (a kill may have cut the last line), then append to it.
-    _atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in done.values()))
+    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in done.values()))
     rows: list[Row] = []
     total = len(plan.trainings) * seeds
     k = 0
@@ -537,7 +531,7 @@ def ablate(
             "windows": windows, "quick": quick, "a_note": plan.a_note, "window_text": plan.window_text, "cap": cap}
     md = markdown(agg, meta)
     write_csv(out / "ablation.csv", rows + agg)
-    _atomic_write_text(out / "ablation.md", md)
+    atomic_write_text(out / "ablation.md", md)
     return AblationResult(rows, agg, md, seconds)
 
 

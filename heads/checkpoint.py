@@ -52,8 +52,9 @@ class RunError(AHError):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, then rename over `path` (atomic on POSIX)."""
+    """Write to a temporary sibling, then rename over `path` (atomic on POSIX); makes the folder if needed."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
         fh.write(data)

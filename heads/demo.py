@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from extract.errors import AHError
+from heads.checkpoint import atomic_write_json
 
 SYNTHETIC_NOTE = ("**Synthetic demo.** The data come from `ahcli synth` (planted cross-modal signal) and the "
                   "encoders are tiny random-initialised models: these numbers show the pipeline at work, they "
@@ -150,13 +151,6 @@ class DemoResult:
 # ---- small helpers ---------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -176,7 +170,7 @@ def check_options(paths: DemoPaths, opts: DemoOptions) -> None:
         return
     if paths.out.exists() and any(p.name != MARKERS for p in paths.out.iterdir()):
         raise DemoError(f"{paths.out}: exists and is not a demo folder; choose an empty or new OUT folder")
-    _write_json(path, opts.identity())
+    atomic_write_json(path, opts.identity())
 
 
 def unfreeze_available(spec: dict | None) -> tuple[bool, str]:
@@ -230,7 +224,7 @@ class Demo:
         seconds = time.perf_counter() - t0
         self.timings[name] = seconds
         info = {**info, "seconds": round(seconds, 1)}
-        _write_json(marker, info)
+        atomic_write_json(marker, info)
         self.console.print(f"  done in {seconds:.0f} s: {info.get('summary', '')}", highlight=False)
         return info
 
@@ -472,7 +466,7 @@ def write_summary(paths: DemoPaths, res: DemoResult, infos: dict[str, dict]) -> 
         lines.append(f"- [{rel}]({rel})")
     path = paths.out / "README.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _write_json(paths.out / "results.json", {"rows": [asdict(r) for r in res.rows], "full_ahead": res.full_ahead,
+    atomic_write_json(paths.out / "results.json", {"rows": [asdict(r) for r in res.rows], "full_ahead": res.full_ahead,
                                              "margin": res.margin, "timings": res.timings, "a_note": res.a_note})
     return path
 

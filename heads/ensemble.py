@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from extract.errors import AHError
-from heads.submission import (DECIMALS, NO_PROBS, PLACEHOLDER_P1, WITH_PROBS, PrivateOrder,  # noqa: F401 (re-exported)
-                              atomic_write_text, check_missing, format_pair, private_order, private_split_file,
-                              quantise, write_json, write_submission)
+from heads.checkpoint import atomic_write_json, atomic_write_text
+from heads.submission import (DECIMALS, PLACEHOLDER_P1, check_missing, private_order, private_split_file, quantise,
+                              write_submission)
 
 SPLIT_ORDER = ("train", "val", "test", "private")
 
@@ -228,7 +228,7 @@ def run_ensemble(
             if order.source.startswith("cache"):
                 warn("submission lines follow the cache's video_id order; pass --data ROOT to follow the "
                      "private split file's order")
-    write_json(out / "metrics.json", record)
+    atomic_write_json(out / "metrics.json", record)
     return record
 
 
@@ -245,5 +245,4 @@ def _run_record(run, i: int, scores: dict[str, SplitScores], windows: int) -> di
 
 
 __all__ = ["EnsembleError", "run_ensemble", "layers_needed", "load_runs", "check_fingerprints", "score_splits",
-           "tune_threshold", "write_predictions", "SplitScores", "PrivateOrder", "format_pair", "quantise",
-           "WITH_PROBS", "NO_PROBS", "DECIMALS"]
+           "tune_threshold", "write_predictions", "SplitScores"]

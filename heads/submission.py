@@ -16,8 +16,6 @@ sum to exactly 1; pred = (p1 as printed >= threshold).
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from extract.errors import AHError
+from heads.checkpoint import atomic_write_json, atomic_write_text
 
 DECIMALS = 4
 PLACEHOLDER_P1 = 0.5
@@ -35,17 +34,6 @@ NO_PROBS = Path(SUBMISSION_DIR) / "no_probabilities" / "trial-0.txt"
 
 class SubmissionError(AHError):
     """The private split cannot be written as a complete submission (missing videos, no split file)."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def quantise(probs: np.ndarray) -> np.ndarray:
@@ -131,7 +119,7 @@ def write_submission(out: Path, order: PrivateOrder, probs: dict[str, float], th
     info = {"lines": len(order.video_ids), "order_source": order.source, "threshold": threshold,
             "placeholders": order.missing, "placeholder_p1": PLACEHOLDER_P1 if order.missing else None,
             "ignored_cache_videos": order.extra, "split_file_problems": order.problems}
-    write_json(out / SUBMISSION_DIR / "info.json", info)
+    atomic_write_json(out / SUBMISSION_DIR / "info.json", info)
     return info
 
 
