@@ -12,10 +12,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from extract.encoders import _tiny_tokenizer, audio_segment_lengths
-from extract.run import ExtractOptions, extract
+from extract.encoders import audio_segment_lengths
+from extract.run import extract, ExtractOptions
 from extract.spec import ExtractionSpec, load_spec
 from extract.synth import write_synthetic_bah
+from extract.tiny_encoders import tiny_tokenizer
 
 SPEC = Path(__file__).resolve().parent.parent / "cache_spec.yaml"
 
@@ -32,7 +33,7 @@ def write_full_size_encoders(out_dir: Path) -> Path:
     HubertModel(HubertConfig()).save_pretrained(out_dir / "audio")
     Wav2Vec2FeatureExtractor(return_attention_mask=False).save_pretrained(out_dir / "audio")
     # A small real BPE vocabulary: the embedding table shrinks, the transformer's FLOPs do not.
-    vocab = _tiny_tokenizer(out_dir / "text")
+    vocab = tiny_tokenizer(out_dir / "text")
     RobertaModel(RobertaConfig(vocab_size=vocab, max_position_embeddings=514, type_vocab_size=1,
                                pad_token_id=1, bos_token_id=0, eos_token_id=2),
                  add_pooling_layer=False).save_pretrained(out_dir / "text")

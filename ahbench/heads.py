@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from heads.data import Ragged, SplitData
-from heads.model import ModelConfig
-from heads.train import TrainConfig, train_heads
+from heads.config import ModelConfig, TrainConfig
+from heads.data import SplitData
+from heads.tokens import Ragged
+from heads.train import train_heads
 
 # BAH scale (paper Table 2) and the full-size token shapes of VideoMAE-B / HuBERT-B (27 s) / RoBERTa-B.
 BAH_TRAIN, BAH_VAL = 778, 124

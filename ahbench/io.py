@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from extract.cache_writer import CacheWriter
 from extract.media import read_audio, read_faces
+from extract.provenance import provenance
+from extract.record import VideoRecord
 from extract.spec import ExtractionSpec, TextSpec
-from extract.store import CacheReader, CacheWriter, VideoRecord, provenance
-from extract.synth import FRAME_SIZE, _write_mp4
+from extract.store import CacheReader
+from extract.synth import FRAME_SIZE, write_mp4
 
 
 def _face_jpegs(folder: Path, count: int, size: int = 256) -> list[Path]:
@@ -42,7 +45,7 @@ def bench_decode(quick: bool, size: int = 224) -> dict:
         tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
         mp4 = tmp / "audio.mp4"
         frames = np.zeros((int(seconds * 4), FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
-        _write_mp4(mp4, frames, 4, np.stack([tone, tone]), rate, "mpeg4")
+        write_mp4(mp4, frames, 4, np.stack([tone, tone]), rate, "mpeg4")
         t = time.perf_counter()
         read_audio(mp4, 16000)
         audio_s = seconds / (time.perf_counter() - t)

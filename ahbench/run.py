@@ -19,8 +19,9 @@ from ahbench.extraction import bench_extraction
 from ahbench.flops import device_peak_tflops
 from ahbench.heads import bench_full_run, bench_heads
 from ahbench.io import bench_cache, bench_decode
+from ahbench.top2 import bench_top2_epoch
+from extract.provenance import provenance
 from extract.run import PHASES
-from extract.store import provenance
 
 # BAH (paper Table 2 and BAH_LAYOUT.md): 778 train videos with K=8 windows, 124+525+161 others with N=5.
 BAH_CLIPS = 778 * 8 + (124 + 525 + 161) * 5
@@ -100,14 +101,7 @@ def run_bench(device: str, quick: bool, workers: int, log: Callable[[str], None]
     else:
         heads = None
 
-    def top2() -> dict | None:
-        try:
-            from heads.finetune import bench_top2_epoch
-        except ImportError:
-            return None
-        return bench_top2_epoch(device, quick)
-
-    section("top2", "top-2 unfrozen: cached prefix vs end to end", top2)
+    section("top2", "top-2 unfrozen: cached prefix vs end to end", lambda: bench_top2_epoch(device, quick))
     run_s = None
     if full_run if full_run is not None else (cuda or not quick):
         full = section("heads_full_run", "one full train-heads run at BAH scale", lambda: bench_full_run(device))

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from ahbench.run import render_markdown, run_bench, save
+from extract.run import resolve_device
+
 
 console = Console(stderr=True)
 
@@ -24,8 +27,6 @@ def bench(
     markdown: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown report rendered from every result in --results-dir."),
 ) -> None:
     """Decode, encoder, cache, extraction and head-training throughput at BAH scale, against the goals."""
-    from ahbench.run import render_markdown, run_bench, save
-    from extract.run import resolve_device
 
     flags = ["--quick"] * quick + ([] if full_run is None else ["--full-run" if full_run else "--no-full-run"])
     command = shlex.join(["ahcli", "bench", *flags, "--device", device, "--workers", str(workers)])

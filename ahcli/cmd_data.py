@@ -9,6 +9,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from extract.bah import read_bah
+from extract.synth import PRIVATE_SUBDIR, write_synthetic_bah
+from extract.vocab import SPLITS
+
 
 data_app = typer.Typer(help="Inspect and validate a BAH dataset tree.", no_args_is_help=True)
 
@@ -24,7 +28,6 @@ _KIND_COLUMNS = {
 
 def check_report(root: Path, private_root: Optional[Path] = None, allow_symlinks: bool = False) -> dict:
     """Read the tree and summarise it: {"splits": {...}, "problems": [...]} plus per-split kind counts."""
-    from extract.bah import SPLITS, read_bah
 
     ds = read_bah(root, private_root=private_root, allow_symlinks=allow_symlinks)
     splits: dict[str, dict] = {}
@@ -95,7 +98,6 @@ def synth(
     """Write a synthetic BAH tree in the real layout, with planted cross-modal A/H signals."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from extract.synth import PRIVATE_SUBDIR, write_synthetic_bah
 
     if force:
         for sub in (out / "data", out / PRIVATE_SUBDIR):

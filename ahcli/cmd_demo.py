@@ -6,6 +6,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from ahflows.demo import DemoOptions, run_demo, SYNTHETIC_NOTE
+
 
 
 def register(app: typer.Typer) -> None:
@@ -30,8 +32,6 @@ def demo_cmd(
 ) -> None:
     """Synthetic BAH tree -> tiny encoders -> cache -> checkpoints A and B -> ensemble -> ablation -> reports,
     then a table of the test results. The data and encoders are synthetic: the numbers are not BAH results."""
-    from heads.demo import SYNTHETIC_NOTE, DemoOptions, run_demo
-
     console = Console()
     opts = DemoOptions(videos=videos, seed=seed, quick=quick, epochs=epochs, patience=epochs, dim=dim,
                        head_hidden=head_hidden, lr=lr, text_weight=text_weight, workers=workers,

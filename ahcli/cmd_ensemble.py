@@ -9,6 +9,11 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from ahflows.ablate import run_ablation
+from ahflows.ablation_table import METRICS, full_vs_single
+from ahflows.ensemble import run_ensemble
+from ahflows.submission import NO_PROBS, WITH_PROBS
+
 
 console = Console(stderr=True)
 
@@ -43,8 +48,6 @@ def ensemble_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json on stdout."),
 ) -> None:
     """Average runs' blended probabilities, re-tune the threshold on val, score val/test, write the submission."""
-    from heads.ensemble import run_ensemble
-    from heads.submission import NO_PROBS, WITH_PROBS
 
     with _progress() as progress:
         task = progress.add_task("scoring", total=None)
@@ -100,8 +103,6 @@ def ablate_cmd(
 ) -> None:
     """The paper's Tables 4, 5 and 6 from one cache: modality subsets, conflict features, alpha, transcript,
     inference windows and the 2-checkpoint ensemble, mean ± std over seeds."""
-    from heads.ablate import full_vs_single, run_ablation
-
     options = dict(epochs=epochs, patience=patience, lr=lr, lr_min=lr_min, weight_decay=weight_decay, dim=dim,
                    head_hidden=head_hidden, head_dropout=head_dropout, ffn_dropout=ffn_dropout,
                    batch_size=batch_size, accum=accum, alpha=alpha)
@@ -133,8 +134,6 @@ def ablate_cmd(
 
 
 def _print_summary(res) -> None:
-    from heads.ablate import METRICS
-
     table = Table(title="ablation (mean ± std over seeds)")
     for col in ("table", "config", "split", "Macro F1", "F1-AH", "F1-NoAH"):
         table.add_column(col, justify="right" if col[0].isupper() else "left")

@@ -10,6 +10,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from extract.run import extract, ExtractOptions, phase_report
+from extract.store import CacheReader
+from extract.tiny_encoders import write_tiny_encoders
+
 
 console = Console()
 encoders_app = typer.Typer(help="Encoder utilities.", no_args_is_help=True)
@@ -22,8 +26,6 @@ def encoders_tiny(
     seed: int = typer.Option(0, help="Seed of the random initialisation (same seed, same weights)."),
 ) -> None:
     """Write small random-initialised VideoMAE, HuBERT and RoBERTa models in HF format, plus a spec using them."""
-    from extract.encoders import write_tiny_encoders
-
     spec = write_tiny_encoders(out, seed=seed)
     console.print(f"wrote tiny encoders to {out} (spec: {spec})")
 
@@ -49,8 +51,6 @@ def extract_cmd(
     extract ...` each process extracts a disjoint share. The last line says where the time went (waiting
     for decoding, each encoder, waiting for cache writes) and names the bottleneck when there is one.
     """
-    from extract.run import ExtractOptions, extract, phase_report
-
     names = tuple(s.strip() for s in splits.split(",") if s.strip())
     opts = ExtractOptions(splits=names, device=device, batch_size=batch_size, workers=workers, force=force,
                           repair=repair, private_root=private_root, allow_symlinks=allow_symlinks, progress=progress)
@@ -75,8 +75,6 @@ def cache_info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Counts per split, fingerprint, sizes, completeness and a digest over all stored content."""
-    from extract.store import CacheReader
-
     info = CacheReader(cache).info()
     if as_json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
@@ -94,8 +92,6 @@ def cache_info(
 @cache_app.command("verify")
 def cache_verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
     """Check every video: complete, checksums, shapes/dtypes/lengths consistent, no NaN/Inf. Exit 1 naming each bad video."""
-    from extract.store import CacheReader
-
     problems = CacheReader(cache).verify()
     for p in problems:
         console.print(f"[red]bad[/] {p['video_id']}: {p['problem']}", highlight=False, soft_wrap=True)

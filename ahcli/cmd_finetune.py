@@ -10,12 +10,14 @@ from pathlib import Path
 
 import typer
 
-from ahcli.cmd_heads import (OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CHECKPOINT_EVERY, OPT_DEVICE, OPT_DIM,
-                             OPT_ENCODER_LR_SCALE, OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT, OPT_HEAD_DROPOUT, OPT_HEAD_HIDDEN, OPT_JSON,
+from ahcli.cmd_heads import (console, model_options, OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE,
+                             OPT_CHECKPOINT_EVERY, OPT_DEVICE, OPT_DIM, OPT_ENCODER_LR_SCALE, OPT_EPOCHS,
+                             OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT, OPT_HEAD_DROPOUT, OPT_HEAD_HIDDEN, OPT_JSON,
                              OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN, OPT_MODALITIES, OPT_NO_CONFLICT, OPT_PATIENCE,
                              OPT_POOLING, OPT_RESUME, OPT_SEED, OPT_STOP_AFTER, OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT,
-                             OPT_WEIGHT_DECAY, Pooling, TextSource, console, model_options, report_result,
-                             train_config, train_with_progress)
+                             OPT_WEIGHT_DECAY, Pooling, report_result, TextSource, train_config, train_with_progress)
+from ahflows.finetune import finetune
+from heads.resume import check_out_folder
 
 
 def register(app: typer.Typer) -> None:
@@ -60,8 +62,6 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune end to end from the raw media: the top N encoder blocks (lr x --encoder-lr-scale) and the
     heads, one random 16-frame window per train video each epoch, the paper's protocol (checkpoint A)."""
-    from heads.finetune import finetune
-    from heads.train import check_out_folder
 
     cfg = train_config(seed=seed, epochs=epochs, patience=patience, lr=lr, lr_min=lr_min, weight_decay=weight_decay,
                        batch_size=batch_size, accum=accum, text_weight=text_weight, label_smoothing=label_smoothing,

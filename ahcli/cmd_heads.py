@@ -12,6 +12,17 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from ahflows.checkpoint_a import train_from_cache
+from ahflows.raw_media import load_run_with_media
+from extract.store import CacheReader
+from extract.vocab import parse_modalities
+from heads.config import ModelConfig, TrainConfig
+from heads.data import load_split, resolve_device
+from heads.infer import evaluate_split, layers_needed, require_inputs
+from heads.resume import check_out_folder
+from heads.run_files import cache_record, RunError
+from heads.topblocks import cache_prefix_problem
+
 
 console = Console(stderr=True)
 
@@ -65,8 +76,6 @@ OPT_CHECKPOINT_EVERY = typer.Option(
 def train_config(*, seed, epochs, patience, lr, lr_min, weight_decay, batch_size, accum, text_weight,
                  label_smoothing, alpha, eval_windows, text_source, amp, device, unfreeze_top=0,
                  encoder_lr_scale=0.1, checkpoint_seconds=60.0):
-    from heads.train import TrainConfig
-
     return TrainConfig(seed=seed, epochs=epochs, patience=patience, lr=lr, lr_min=min(lr_min, lr),
                        weight_decay=weight_decay, batch_size=batch_size, accum=accum, text_weight=text_weight,
                        label_smoothing=label_smoothing, alpha=alpha, eval_windows=eval_windows,
@@ -94,8 +103,6 @@ def _progress():
 
 
 def _load(reader, split: str, modalities, text_window: bool, device: str, progress, layers=("last",)):
-    from heads.data import load_split
-
     task = progress.add_task(f"loading {split}", total=None)
     data = load_split(reader, split, layers=layers, device=device, modalities=modalities, text_window=text_window,
                       progress=lambda i, n: progress.update(task, completed=i, total=n))
@@ -171,12 +178,6 @@ def train_heads_cmd(
 ) -> None:
     """Train the attention-pooling, conflict-fusion and text heads over a cache (paper protocol); with
     --unfreeze-top N also the top N blocks of each encoder, from the cached 'prefix' states."""
-    from extract.store import CacheReader
-    from heads.checkpoint import RunError, cache_record
-    from heads.data import parse_modalities
-    from heads.model import ModelConfig
-    from heads.topblocks import cache_prefix_problem
-    from heads.train import check_out_folder, train_heads
 
     mods = parse_modalities(modalities)
     cfg = train_config(seed=seed, epochs=epochs, patience=patience, lr=lr, lr_min=lr_min, weight_decay=weight_decay,
@@ -200,9 +201,9 @@ def train_heads_cmd(
     top = f", top {unfreeze_top} encoder blocks unfrozen" if unfreeze_top else ""
     console.print(f"train {len(train)} videos, val {len(val)} videos on {train.device}; "
                   f"modalities {model_cfg.modalities}, conflict {'on' if model_cfg.conflict else 'off'}{top}")
-    result = train_with_progress(train_heads, train=train, val=val, model_cfg=model_cfg, cfg=cfg, out=out,
-                                 resume=resume, stop_after=stop_after or None, cache=cache_record(reader, cache),
-                                 encoder_spec=reader.spec if unfreeze_top else None)
+    result = train_with_progress(train_from_cache, train=train, val=val, model_cfg=model_cfg, cfg=cfg, out=out,
+                                 resume=resume, stop_after=stop_after or None, cache=cache_record(reader),
+                                 spec=reader.spec)
     report_result(result, out, json_out)
 
 
@@ -222,14 +223,10 @@ def evaluate_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
 ) -> None:
     """Score a run on one split: multi-window inference, blending, the run's threshold, the BAH metrics."""
-    from extract.store import CacheReader
-    from heads.checkpoint import load_run
-    from heads.data import resolve_device
-    from heads.infer import evaluate_split, layers_needed, require_inputs
 
     reader = CacheReader(cache)
     dev = resolve_device(device)
-    r = load_run(run, cache=reader, device=dev, data_root=data, private_root=private_root, workers=workers)
+    r = load_run_with_media(run, cache=reader, device=dev, data_root=data, private_root=private_root, workers=workers)
     require_inputs(r, reader)               # a fine-tuned run needs prefix states or --data: one line before loading
     layers = layers_needed(r, reader)
     want_window = r.train_config.text_source == "window" and r.model_config.has_text

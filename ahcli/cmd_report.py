@@ -7,6 +7,10 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from ahflows.explain import explain_video
+from ahflows.predict import predict_recording
+from ahflows.report import write_report
+
 
 console = Console(stderr=True)
 out = Console()
@@ -26,8 +30,6 @@ def report_cmd(
 ) -> None:
     """Write PNG plots and report.md into FOLDER: training curves, Macro F1 against the threshold on val,
     confusion matrices (val, test), precision-recall curves; bar charts for an ablation."""
-    from heads.report import write_report
-
     with console.status(f"writing the report of {folder}"):
         res = write_report(folder, cache=cache, windows=windows, device=device)
     for note in res.notes:
@@ -46,8 +48,6 @@ def explain_cmd(
 ) -> None:
     """Why was this video flagged? Head probabilities, the conflict pair that drove the full logit, and where
     the attention pooling looked (video windows, audio time, transcript tokens)."""
-    from heads.explain import explain_video
-
     exp = explain_video(run, cache, video_id, data_root=data, windows=windows, top_k=top)
     if json_out:
         typer.echo(exp.to_json())
@@ -110,8 +110,6 @@ def predict_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
 ) -> None:
     """Score a new recording that is in no cache: run the spec's frozen encoders on it, then the heads."""
-    from heads.predict import predict_recording
-
     with console.status("encoding the recording and scoring it"):
         res = predict_recording(runs, video, spec, faces=faces, transcript=transcript, text=text, windows=windows,
                                 video_id=video_id, threshold=threshold)

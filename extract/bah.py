@@ -23,9 +23,8 @@ import yaml
 
 from extract.errors import AHError
 from extract.media import MediaError, MediaInfo, probe
+from extract.vocab import PUBLIC_SPLITS, SPLITS
 
-SPLITS = ("train", "val", "test", "private")
-PUBLIC_SPLITS = ("train", "val", "test")
 PRIVATE_DIR = Path("..") / "test-set-30-participants-unlabeled" / "data"
 MAX_TRANSCRIPT_BYTES = 4 * 1024 * 1024  # a Whisper transcript of a 20-minute video is ~30 kB
 

@@ -3,8 +3,8 @@
 An encoder is a hub id (+ revision) or a local folder in HF format; both go through `from_pretrained`.
 `FrozenEncoders` turns one video's clips / audio / transcript into the token sequences of the layers the spec
 asks for: 'last' (the final sequence) and 'prefix' (the hidden state entering the top `unfreeze_top` blocks).
-`TopBlocks` copies those top blocks so that TopBlocks(prefix) == last: checkpoint A trains from the cache.
-`write_tiny_encoders` writes small random models of the same architectures for tests and demos.
+heads/topblocks.py copies those top blocks so that TopBlocks(prefix) == last: checkpoint A trains from the
+cache. extract/tiny_encoders.py writes small random models of the same architectures for tests and demos.
 
 The `*_forward` functions hold the preprocessing + forward logic without any grad/autocast policy, so the
 end-to-end fine-tuning path runs exactly the same code with gradients on.
@@ -27,8 +27,7 @@ from torch import nn
 
 from extract.errors import AHError
 from extract.spec import ExtractionSpec
-
-MODALITIES = ("video", "audio", "text")
+from extract.vocab import MODALITIES
 _AUTOCAST_DTYPE = torch.bfloat16
 # Files that define a local encoder's numbers (weights, config, preprocessing, tokenizer).
 _ID_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
@@ -75,7 +74,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 @contextmanager
-def _quiet():
+def quiet_loading():
     """No per-file progress bars or info chatter from transformers while loading/writing encoders."""
     from transformers.utils import logging as hf_logging
 
@@ -92,7 +91,7 @@ def _quiet():
 
 def _from_pretrained(loader, name: str, modality: str, **kwargs):
     try:
-        with _quiet():
+        with quiet_loading():
             return loader.from_pretrained(name, **kwargs)
     except EncoderError:
         raise
@@ -378,259 +377,3 @@ class FrozenEncoders:
 
 def load_encoders(spec: ExtractionSpec, device: str = "cpu") -> FrozenEncoders:
     return FrozenEncoders(spec, device)
-
-
-# ------------------------------------------------------------------------------------ top blocks / finetune
-
-
-def _block_parts(model: nn.Module, modality: str) -> tuple[nn.ModuleList, nn.Module | None]:
-    """(the transformer blocks, the module applied after them inside last_hidden_state, if any)."""
-    if modality not in MODALITIES:
-        raise EncoderError(f"unknown modality {modality!r}")
-    encoder = getattr(model, "encoder", None)
-    blocks = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise EncoderError(f"{model.__class__.__name__}: no encoder.layer(s) block list found")
-    final = None
-    if modality == "video":
-        final = getattr(model, "layernorm", None)  # VideoMAE without mean pooling: LayerNorm after the blocks
-    elif modality == "audio" and getattr(model.config, "do_stable_layer_norm", False):
-        final = encoder.layer_norm  # pre-LN HuBERT (large): LayerNorm after the blocks
-    return blocks, final
-
-
-def unfreeze_top(model: nn.Module, modality: str, n: int) -> list[nn.Parameter]:
-    """Freeze everything, then enable grads on the top n blocks (+ a LayerNorm after them); return those."""
-    blocks, final = _block_parts(model, modality)
-    if not 1 <= n <= len(blocks):
-        raise EncoderError(f"unfreeze_top: n={n} is not in 1..{len(blocks)}")
-    model.requires_grad_(False)
-    modules = list(blocks[len(blocks) - n :]) + ([final] if final is not None else [])
-    params = [p for module in modules for p in module.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
-def segment_ids(lengths: Sequence[int], device=None) -> torch.Tensor:
-    """(sum(lengths),) int64 ids 0, 0, ..., 1, 1, ...: which encoder segment each cached token came from."""
-    counts = torch.as_tensor(list(lengths), dtype=torch.long, device=device)
-    return torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
-
-
-class TopBlocks(nn.Module):
-    """A copy of the top `n` blocks of one encoder: maps the cached 'prefix' state to the 'last' one.
-
-    forward(prefix (B, L, D), mask (B, L) bool True = real token, segments (B, L) int | None) -> (B, L, D).
-    `segments` restricts attention to tokens of the same encoder segment (long audio / text were encoded in
-    segments), which makes the result exact for them too. VideoMAE takes neither (fixed-length clips).
-    """
-
-    def __init__(self, model: nn.Module, modality: str, n: int):
-        super().__init__()
-        blocks, final = _block_parts(model, modality)
-        if not 1 <= n <= len(blocks):
-            raise EncoderError(f"TopBlocks: n={n} is not in 1..{len(blocks)}")
-        self.modality = modality
-        self.n = n
-        self.config = copy.deepcopy(model.config)
-        self.blocks = nn.ModuleList(copy.deepcopy(list(blocks[len(blocks) - n :])))
-        self.final = copy.deepcopy(final) if final is not None else None
-        self.layerdrop = float(getattr(self.config, "layerdrop", 0.0) or 0.0) if modality == "audio" else 0.0
-
-    def _attention_mask(self, prefix: torch.Tensor, mask, segments):
-        from transformers.masking_utils import create_bidirectional_mask
-
-        if mask is None and segments is None:
-            return None
-        if mask is None:
-            mask = torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device)
-        and_fn = None
-        if segments is not None:
-            seg = segments.to(prefix.device)
-
-            def and_fn(batch_idx, head_idx, q_idx, kv_idx):
-                return seg[batch_idx, q_idx] == seg[batch_idx, kv_idx]
-
-        return create_bidirectional_mask(
-            config=self.config, inputs_embeds=prefix, attention_mask=mask.to(prefix.device).bool(),
-            and_mask_function=and_fn,
-        )
-
-    def forward(self, prefix: torch.Tensor, mask: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = prefix
-        if self.modality == "video":
-            if segments is not None or (mask is not None and not bool(mask.all())):
-                raise EncoderError("TopBlocks(video): VideoMAE blocks take no padding mask or segments")
-            kwargs = {}
-        else:
-            kwargs = {"attention_mask": self._attention_mask(prefix, mask, segments)}
-        for block in self.blocks:
-            if self.training and self.layerdrop > 0 and float(torch.rand([])) < self.layerdrop:
-                continue  # HuBERT LayerDrop, as in its encoder loop
-            hidden = block(hidden, **kwargs)
-        if self.final is not None:
-            hidden = self.final(hidden)
-        return hidden
-
-
-# ------------------------------------------------------------------------------------------ tiny encoders
-
-_TINY_HIDDEN = 64
-_TINY_LAYERS = 4
-_TINY_HEADS = 4
-_TINY_IMAGE = 32
-_TINY_CORPUS = """
-I am happy with the treatment and I feel great about it.
-I am not sure, maybe I will try it, but I don't know if it will work.
-Honestly I feel anxious and worried about the side effects.
-It is good, I guess, although sometimes I think it is bad for me.
-I really want to quit smoking but I also enjoy it, so I hesitate.
-Perhaps I could exercise more, yet I am tired and it is hard.
-The doctor said it is fine and I trust her, absolutely.
-I hate the pills, they make me sick, but they help a little.
-Well, um, I suppose it depends, I might change my mind later.
-I love my family and they support me every day.
-This is terrible, I am angry and frustrated with everything.
-Probably yes, or probably no, I cannot decide right now.
-I would like to eat healthier, but fast food is easy and cheap.
-Sure, it could be useful, however I have some doubts.
-I'm totally fine with it, no problem at all.
-Sometimes I feel sad, sometimes I feel hopeful, it is mixed.
-Kind of, sort of, I mean, it is not really clear to me.
-I am confident that the vaccine is safe and effective.
-I worry that the vaccine is risky, I am hesitant to take it.
-Thank you, that was a nice and pleasant conversation.
-"""
-
-
-def _tiny_video(path: Path) -> None:
-    from transformers import VideoMAEConfig, VideoMAEImageProcessor, VideoMAEModel
-
-    cfg = VideoMAEConfig(
-        image_size=_TINY_IMAGE, patch_size=8, num_channels=3, num_frames=16, tubelet_size=2,
-        hidden_size=_TINY_HIDDEN, num_hidden_layers=_TINY_LAYERS, num_attention_heads=_TINY_HEADS,
-        intermediate_size=2 * _TINY_HIDDEN, use_mean_pooling=False,  # like videomae-base: LayerNorm on top
-    )
-    VideoMAEModel(cfg).save_pretrained(path)
-    VideoMAEImageProcessor(
-        size={"shortest_edge": _TINY_IMAGE}, crop_size={"height": _TINY_IMAGE, "width": _TINY_IMAGE},
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(path)
-
-
-def _tiny_audio(path: Path) -> None:
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
-
-    cfg = HubertConfig(
-        hidden_size=_TINY_HIDDEN, num_hidden_layers=_TINY_LAYERS, num_attention_heads=_TINY_HEADS,
-        intermediate_size=2 * _TINY_HIDDEN, conv_dim=(32,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2),
-        conv_stride=(5, 2, 2, 2, 2, 2, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-        feat_extract_norm="group", do_stable_layer_norm=False,  # the hubert-base layout (50 tokens/s)
-    )
-    HubertModel(cfg).save_pretrained(path)
-    Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=False,
-    ).save_pretrained(path)
-
-
-def _tiny_tokenizer(path: Path) -> int:
-    """A real byte-level BPE (RoBERTa layout) trained on a small built-in corpus; returns the vocab size."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaTokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    lines = [line for line in _TINY_CORPUS.strip().splitlines() if line]
-    bpe.train_from_iterator(
-        lines * 4, vocab_size=600, min_frequency=1, show_progress=False,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-    )
-    vocab = bpe.get_vocab()
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in _bpe_merges(bpe)]
-    tok = RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=512)
-    tok.save_pretrained(path)
-    return len(vocab)
-
-
-def _bpe_merges(bpe) -> list:
-    import json
-
-    return json.loads(bpe.to_str())["model"]["merges"]
-
-
-def _tiny_text(path: Path) -> None:
-    from transformers import RobertaConfig, RobertaModel
-
-    vocab_size = _tiny_tokenizer(path)
-    cfg = RobertaConfig(
-        vocab_size=vocab_size, hidden_size=_TINY_HIDDEN, num_hidden_layers=_TINY_LAYERS,
-        num_attention_heads=_TINY_HEADS, intermediate_size=2 * _TINY_HIDDEN, max_position_embeddings=514,
-        type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-    )
-    RobertaModel(cfg, add_pooling_layer=False).save_pretrained(path)
-
-
-def _template_spec_text() -> str | None:
-    template = Path(__file__).resolve().parent.parent / "cache_spec.yaml"
-    return template.read_text(encoding="utf-8") if template.is_file() else None
-
-
-def _set_yaml_values(text: str, updates: dict[tuple[str | None, str], str]) -> str:
-    """Replace `key: value` lines (top level: section None) keeping their comments and layout."""
-    out, section = [], None
-    for line in text.splitlines():
-        top = re.match(r"^([A-Za-z_]\w*):\s*(#.*)?$", line)
-        if top:
-            section = top.group(1)
-        m = re.match(r"^(\s*)([A-Za-z_]\w*):(\s*)([^#]*?)(\s*#.*)?$", line)
-        if m and not top:
-            where = section if m.group(1) else None
-            if not m.group(1):
-                section = None
-            if (where, m.group(2)) in updates:
-                line = f"{m.group(1)}{m.group(2)}:{m.group(3) or ' '}{updates[(where, m.group(2))]}{m.group(5) or ''}"
-        out.append(line)
-    return "\n".join(out) + "\n"
-
-
-def _tiny_spec_text() -> str:
-    updates = {
-        (None, "layers"): "[last, prefix]",
-        # './video', not 'video': explicitly local, so a deleted folder is named, never looked up on the hub.
-        ("video", "model"): "./video", ("video", "revision"): "null", ("video", "size"): str(_TINY_IMAGE),
-        ("audio", "model"): "./audio", ("audio", "revision"): "null",
-        ("text", "model"): "./text", ("text", "revision"): "null",
-    }
-    expected = ExtractionSpec().to_dict()
-    expected.pop("weights_id")
-    expected["layers"] = ["last", "prefix"]
-    for modality in MODALITIES:
-        expected[modality].update(model=f"./{modality}", revision=None)
-    expected["video"]["size"] = _TINY_IMAGE
-    template = _template_spec_text()
-    if template is not None:
-        text = _set_yaml_values(template, updates)
-        loaded = yaml.safe_load(text)
-        got = {k: loaded.get(k) for k in ("layers", "video", "audio", "text")}
-        if all(got[k] == expected[k] for k in ("layers",)) and all(
-            loaded[m]["model"] == f"./{m}" for m in MODALITIES
-        ) and loaded["video"]["size"] == _TINY_IMAGE:
-            return "# Tiny random encoders for tests and demos (written by `write_tiny_encoders`).\n" + text
-    return yaml.safe_dump(expected, sort_keys=False)
-
-
-def write_tiny_encoders(out_dir: Path, seed: int = 0) -> Path:
-    """Small random VideoMAE / HuBERT / RoBERTa in HF format under out_dir/{video,audio,text}, plus
-    out_dir/cache_spec.yaml pointing at them. The same seed writes identical weights. Returns the spec path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]), _quiet():
-        for offset, (modality, writer) in enumerate(
-            (("video", _tiny_video), ("audio", _tiny_audio), ("text", _tiny_text))
-        ):
-            torch.manual_seed(int(seed) * 1000 + offset)
-            writer(out_dir / modality)
-    spec_path = out_dir / "cache_spec.yaml"
-    spec_path.write_text(_tiny_spec_text(), encoding="utf-8")
-    return spec_path

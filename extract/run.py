@@ -23,14 +23,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from extract.bah import SPLITS, Video, read_bah
+from extract.bah import read_bah, Video
+from extract.cache_writer import CacheWriter
 from extract.encoders import FrozenEncoders, load_encoders
 from extract.errors import AHError
 from extract.faults import fault_point
-from extract.media import read_audio, read_faces
+from extract.decode import decode_windows
+from extract.provenance import provenance
+from extract.record import VideoRecord
 from extract.spec import ExtractionSpec, load_spec
-from extract.store import CacheReader, CacheWriter, VideoRecord, provenance
-from extract.windows import clip_indices, window_starts, window_text
+from extract.store import CacheReader
+from extract.vocab import SPLITS
+from extract.windows import window_starts
 
 
 # Writes hash, check and fsync each video: parallel threads keep them off the device's critical path.
@@ -129,18 +133,12 @@ def decode_video(video: Video, spec: ExtractionSpec) -> DecodedVideo:
     n = video.frame_count
     starts = window_starts(video.video_id, n, window_count(spec, video.split), length, spec.seed)
     try:
-        needed = sorted({i for s in starts for i in clip_indices(s, length, n)})
-        frames = read_faces([video.face_frames[i] for i in needed], spec.video.size)
-        pos = {frame: k for k, frame in enumerate(needed)}
-        clips = torch.from_numpy(np.stack([frames[[pos[i] for i in clip_indices(s, length, n)]] for s in starts]))
-        wave = read_audio(video.mp4, spec.audio.sample_rate)
-        fps = video.fps
-        texts = [window_text(video.chunks, s / fps, (s + length) / fps) for s in starts] if spec.text.window_aligned else []
+        got = decode_windows(video, starts, spec, texts=spec.text.window_aligned)
     except AHError as exc:
         return DecodedVideo(video, starts, None, None, [], n < length, error=str(exc))
     except Exception as exc:  # a decoder bug on one file must not stop the others
         return DecodedVideo(video, starts, None, None, [], n < length, error=f"{video.mp4}: {type(exc).__name__}: {exc}")
-    return DecodedVideo(video, starts, clips, wave, texts, n < length)
+    return DecodedVideo(video, starts, torch.from_numpy(got.clips), got.wave, got.texts, n < length)
 
 
 class _DecodeSet(Dataset):

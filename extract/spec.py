@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 
 from extract.errors import AHError
+from extract.vocab import LAYERS
 
 BACKENDS = ("zarr", "hdf5")
 DTYPES = ("float16", "float32")
-LAYERS = ("last", "prefix")
 
 
 class SpecError(AHError):

@@ -15,6 +15,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from extract.faults import fault_point
+from extract.files import fsync_path, fsync_tree
 
 ATTR = "ah"  # the single attribute holding the unit's JSON document
 
@@ -47,23 +48,6 @@ def _chunks(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if name.startswith("video/") and len(shape) == 3:
         return (1, max(shape[1], 1), max(shape[2], 1))
     return tuple(max(s, 1) for s in shape)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (so a rename that follows is durable across a power loss)."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            fsync_path(Path(dirpath) / f)
-        fsync_path(Path(dirpath))
 
 
 def _list(folder: Path, suffix: str) -> dict[str, Path]:

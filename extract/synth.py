@@ -281,7 +281,7 @@ _TupleDumper.add_representer(
 )
 
 
-def _write_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray, rate: int, codec: str) -> None:
+def write_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray, rate: int, codec: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as out:
         vs = out.add_stream(codec, rate=fps)
@@ -316,7 +316,7 @@ def _write_video(base: Path, p: _Plan, seed: int, idx: int, codec: str, pitch: f
     face_dir.mkdir(parents=True, exist_ok=True)
     for i, face in enumerate(faces):
         Image.fromarray(face).save(face_dir / f"frame-{i}.jpg", quality=92)
-    _write_mp4(base / p.video_id, _scene_frames(faces, rng), p.fps, _audio(p, pitch, rng), p.audio_rate, codec)
+    write_mp4(base / p.video_id, _scene_frames(faces, rng), p.fps, _audio(p, pitch, rng), p.audio_rate, codec)
     phrases = _transcript(p, rng)
     chunks = _chunks(p, phrases, rng)
     text = "".join(c["text"] for c in chunks)

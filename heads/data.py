@@ -8,8 +8,7 @@ Layout of a `SplitData` (N videos, W = the split's most windows per video):
 - labels:      (N,) float32, NaN for an unlabelled video (the private split)
 
 A batch gathers the chosen rows (and one window per row) without any per-sample Python loop: fixed-length
-video tokens by advanced indexing, ragged tokens by `repeat_interleave` position arithmetic. Ragged
-tokens travel as values + segment ids, which the model pools with a segment softmax (heads/model.py).
+video tokens by advanced indexing, ragged tokens by `repeat_interleave` position arithmetic (heads/tokens.py).
 """
 from __future__ import annotations
 
@@ -21,143 +20,14 @@ import torch
 from torch import Tensor
 
 from extract.errors import AHError
-
-MODALITIES = ("video", "audio", "text")
-LETTERS = {"v": "video", "a": "audio", "t": "text"}
-TEXT_SOURCES = ("full", "window")
-SEGMENT_KEYS = {"audio": "audio_segments", "text": "text_segments"}   # cached tokens per encoder segment
+from extract.vocab import LAST, MODALITIES, PREFIX, SEGMENTS
+from heads.host_memory import available_bytes
+from heads.tokens import Batch, Ragged, Tokens
 
 
 class DataError(AHError):
     """A cache split that cannot be loaded into tensors (missing arrays, inconsistent shapes)."""
 
-
-def parse_modalities(letters: str) -> tuple[str, ...]:
-    """'vat' -> ('video', 'audio', 'text') in canonical order; any non-empty subset of v, a, t."""
-    letters = letters.strip().lower()
-    bad = sorted(set(letters) - set(LETTERS))
-    if not letters or bad or len(set(letters)) != len(letters):
-        raise DataError(f"modalities: {letters!r} must be a non-empty subset of the letters v, a, t")
-    return tuple(m for m in MODALITIES if m[0] in letters)
-
-
-def modality_letters(modalities: Sequence[str]) -> str:
-    return "".join(m[0] for m in MODALITIES if m in modalities)
-
-
-@dataclass
-class Tokens:
-    """One modality's tokens for a batch of B samples.
-
-    Dense: `values` (B, L, D) with an optional `mask` (B, L), True for a real token.
-    Ragged: `values` (T, D) with `segments` (T,) int64 naming each token's sample (0..B-1).
-    `parts` (same leading shape as values' tokens, int64, optional): the encoder segment of each token within
-    its sample (long audio / text were encoded in pieces); only the fine-tuned top blocks read it.
-    """
-
-    values: Tensor
-    batch_size: int
-    mask: Tensor | None = None
-    segments: Tensor | None = None
-    parts: Tensor | None = None
-
-    @property
-    def ragged(self) -> bool:
-        return self.segments is not None
-
-    def lengths(self) -> Tensor:
-        if self.ragged:
-            return torch.bincount(self.segments, minlength=self.batch_size)
-        if self.mask is None:
-            return torch.full((self.batch_size,), self.values.shape[1], dtype=torch.long, device=self.values.device)
-        return self.mask.sum(1)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Tokens":
-        def mv(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        return Tokens(mv(self.values), self.batch_size, mv(self.mask), mv(self.segments), mv(self.parts))
-
-    def to_padded(self) -> "Tokens":
-        """Dense (B, Lmax, D) + mask form (e.g. for transformer blocks that want padded input); `parts`
-        are padded with 0. Tokens must be grouped by sample in order (as `Ragged.gather` makes them)."""
-        if not self.ragged:
-            return self
-        lengths = self.lengths()
-        b, lmax = self.batch_size, int(lengths.max().item()) if self.batch_size else 0
-        starts = torch.cumsum(lengths, 0) - lengths
-        pos = torch.arange(self.values.shape[0], device=self.values.device) - starts[self.segments]
-        out = self.values.new_zeros(b, max(lmax, 1), self.values.shape[1])
-        out[self.segments, pos] = self.values
-        mask = torch.zeros(b, max(lmax, 1), dtype=torch.bool, device=self.values.device)
-        mask[self.segments, pos] = True
-        parts = None
-        if self.parts is not None:
-            parts = torch.zeros(b, max(lmax, 1), dtype=torch.long, device=self.values.device)
-            parts[self.segments, pos] = self.parts
-        return Tokens(out, b, mask=mask, parts=parts)
-
-
-@dataclass
-class Batch:
-    tokens: dict[str, Tokens]     # modality -> tokens
-    labels: Tensor                # (B,) float32, NaN where unlabelled
-
-
-@dataclass
-class Ragged:
-    """Variable-length sequences as one flat (T, D) tensor and (n+1,) int64 offsets; optional (T,) int64
-    `parts`: the encoder segment of each token within its sequence (see Tokens)."""
-
-    values: Tensor
-    offsets: Tensor
-    parts: Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.offsets.numel() - 1
-
-    @property
-    def lengths(self) -> Tensor:
-        return self.offsets[1:] - self.offsets[:-1]
-
-    @property
-    def dim(self) -> int:
-        return self.values.shape[1]
-
-    def gather(self, rows: Tensor) -> Tokens:
-        """Tokens of `rows` (B,) as a ragged batch, by index arithmetic only."""
-        rows = rows.to(self.offsets.device)
-        starts = self.offsets[rows]
-        lengths = self.offsets[rows + 1] - starts
-        b = rows.numel()
-        seg = torch.repeat_interleave(torch.arange(b, device=rows.device), lengths)
-        first = torch.cumsum(lengths, 0) - lengths          # where each sample begins in the batch
-        pos = torch.arange(seg.numel(), device=rows.device) - first[seg] + starts[seg]
-        parts = None if self.parts is None else self.parts[pos]
-        return Tokens(self.values[pos], b, segments=seg, parts=parts)
-
-    def to(self, device: torch.device | str) -> "Ragged":
-        return Ragged(self.values.to(device), self.offsets.to(device),
-                      None if self.parts is None else self.parts.to(device))
-
-    def select(self, rows: Tensor) -> "Ragged":
-        """A new Ragged holding only `rows`, in that order."""
-        t = self.gather(rows)
-        lengths = torch.bincount(t.segments, minlength=t.batch_size)
-        offsets = torch.zeros(t.batch_size + 1, dtype=torch.long, device=lengths.device)
-        offsets[1:] = torch.cumsum(lengths, 0)
-        return Ragged(t.values, offsets, t.parts)
-
-    @staticmethod
-    def from_arrays(arrays: Sequence[np.ndarray | Tensor], dim: int, dtype: torch.dtype) -> "Ragged":
-        lengths = [int(a.shape[0]) for a in arrays]
-        offsets = torch.zeros(len(arrays) + 1, dtype=torch.long)
-        offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
-        values = torch.empty(int(offsets[-1]), dim, dtype=dtype)
-        for a, s, n in zip(arrays, offsets[:-1].tolist(), lengths):   # loading only, never per step
-            if n:
-                values[s : s + n] = torch.as_tensor(np.asarray(a)).to(dtype)
-        return Ragged(values, offsets)
 
 
 @dataclass
@@ -194,7 +64,7 @@ class SplitData:
             found |= set(getattr(self, m))
         return tuple(sorted(found))
 
-    def dims(self, layer: str = "last") -> dict[str, int]:
+    def dims(self, layer: str = LAST) -> dict[str, int]:
         """Token width per modality present in this split (the model's input sizes)."""
         out = {}
         if layer in self.video:
@@ -253,7 +123,7 @@ class SplitData:
         windows: Tensor | None = None,
         *,
         modalities: Sequence[str] = MODALITIES,
-        layer: str = "last",
+        layer: str = LAST,
         text_source: str = "full",
         device: torch.device | str | None = None,
     ) -> Batch:
@@ -302,7 +172,7 @@ class SplitData:
         split: str = "train",
         dtype: torch.dtype = torch.float16,
         text_window: bool = True,
-        layers: Sequence[str] = ("last",),
+        layers: Sequence[str] = (LAST,),
     ) -> "SplitData":
         """Random tokens with a planted label.
 
@@ -381,7 +251,7 @@ def placement(nbytes: int, compute: torch.device, headroom: float = 0.6) -> torc
 def load_split(
     reader,
     split: str,
-    layers: Sequence[str] = ("last",),
+    layers: Sequence[str] = (LAST,),
     device: str | torch.device = "auto",
     *,
     modalities: Sequence[str] = MODALITIES,
@@ -406,11 +276,10 @@ def load_split(
     keys = [f"{m}/{layer}" for m in modalities for layer in layers]
     if want_window and layers:
         keys += [f"text_window/{layer}" for layer in layers] + ["text_window_lengths"]
-    seg_keys = {m: SEGMENT_KEYS[m] for m in ("audio", "text") if m in modalities and "prefix" in layers}
+    seg_keys = {m: SEGMENTS[m] for m in SEGMENTS if m in modalities and PREFIX in layers}
     keys += list(seg_keys.values())
 
-    if hasattr(reader, "array_nbytes"):   # a whole cache (the one-video readers of heads/single.py are small)
-        _check_memory(reader, split, sum(reader.array_nbytes(vid, keys) for vid in ids))
+    _check_memory(reader, split, sum(reader.array_nbytes(vid, keys) for vid in ids))
 
     labels = np.full(len(ids), np.nan, dtype=np.float32)
     n_windows = np.zeros(len(ids), dtype=np.int64)
@@ -464,8 +333,6 @@ def _check_memory(reader, split: str, need: int) -> None:
     """Refuse, before reading, a split that cannot fit in the host's available memory: the alternative is
     the kernel killing the process minutes into the load, without a word. (A split bound for the GPU is
     built on the host first.)"""
-    from heads.host_memory import available_bytes
-
     have = available_bytes()
     if have is not None and need > have:
         raise DataError(f"{_where(reader)}: the {split} split needs {need / 1e9:.1f} GB of memory and "
@@ -481,7 +348,7 @@ def _check_layers(reader, layers: Sequence[str]) -> None:
     missing = [x for x in layers if x not in cached]
     if missing:
         hint = (" (fine-tuned runs read 'prefix': re-extract with it in the spec's layers, or evaluate them with "
-                "--data ROOT on the raw media)" if "prefix" in missing else "")
+                "--data ROOT on the raw media)" if PREFIX in missing else "")
         raise DataError(f"{_where(reader)}: the cache holds no {', '.join(map(repr, missing))} layer "
                         f"(cached: {', '.join(cached)}){hint}")
 

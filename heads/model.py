@@ -17,87 +17,15 @@ weight w and the blend alpha are treated as 0).
 """
 from __future__ import annotations
 
-import dataclasses
-import itertools
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from extract.errors import AHError
-from heads.data import MODALITIES, Tokens, modality_letters, parse_modalities
-
-POOLINGS = ("fused", "literal")
+from heads.config import ConfigError, ModelConfig, POOLINGS
+from heads.tokens import Tokens
 
 
-class ConfigError(AHError):
-    """A model or training configuration with an unknown option or an invalid value."""
-
-
-@dataclass
-class ModelConfig:
-    input_dims: dict[str, int] = field(default_factory=dict)   # modality -> cached token width
-    modalities: str = "vat"        # any non-empty subset of the letters v, a, t
-    dim: int = 768                 # shared projection width D
-    conflict: bool = True          # pairwise |x - y| features among the present modalities
-    ffn_mult: int = 2              # FFN hidden width = ffn_mult x fusion width (paper: 2 x 6D)
-    ffn_dropout: float = 0.1       # not given in the paper
-    head_hidden: int = 512
-    head_dropout: float = 0.3
-    pooling: str = "fused"         # 'fused' or 'literal': the same function, different cost
-
-    def __post_init__(self) -> None:
-        self.modalities = modality_letters(parse_modalities(self.modalities))
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
-        if min(self.dim, self.ffn_mult, self.head_hidden) < 1:
-            raise ConfigError("dim, ffn_mult and head_hidden must be >= 1")
-        if not (0 <= self.ffn_dropout < 1 and 0 <= self.head_dropout < 1):
-            raise ConfigError("dropout rates must lie in [0, 1)")
-        self.input_dims = {str(k): int(v) for k, v in self.input_dims.items()}
-        missing = [m for m in self.present if m not in self.input_dims]
-        if missing:
-            raise ConfigError(f"input_dims: no token width for modality {', '.join(missing)}")
-
-    @property
-    def present(self) -> tuple[str, ...]:
-        return parse_modalities(self.modalities)
-
-    @property
-    def pairs(self) -> list[tuple[str, str]]:
-        return list(itertools.combinations(self.present, 2)) if self.conflict else []
-
-    @property
-    def fusion_dim(self) -> int:
-        return self.dim * (len(self.present) + len(self.pairs))
-
-    @property
-    def has_text(self) -> bool:
-        return "text" in self.present
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "model config") -> "ModelConfig":
-        return dataclass_from_dict(cls, data, where)
-
-
-def dataclass_from_dict(cls, data: Any, where: str):
-    """Build a config dataclass, refusing unknown keys with one clear line."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}")
-    try:
-        return cls(**data)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
 
 
 class AttentionPool(nn.Module):
@@ -221,6 +149,14 @@ class ConflictAwareModel(nn.Module):
     def forward(self, tokens: dict[str, Tokens]) -> tuple[Tensor, Tensor | None]:
         return self.heads(self.embed(tokens))
 
+    def window_forward(self, tokens: dict[str, Tokens], windows: int,
+                       per_video: Sequence[str] = ()) -> tuple[Tensor, Tensor | None]:
+        """Logits of n videos x `windows` windows, row v * windows + w. The modalities in `per_video` come
+        once per video (audio, the full transcript): pooled once, repeated for each window."""
+        emb = self.embed(tokens)
+        return self.heads({m: e.repeat_interleave(windows, 0) if m in per_video else e for m, e in emb.items()})
+
+
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> ConflictAwareModel:
     """A freshly initialised model; with `seed`, initialisation is reproducible."""
@@ -237,7 +173,3 @@ def blend(l_full: Tensor, l_text: Tensor | None, alpha: float) -> Tensor:
     if l_text is None:
         return p_full
     return alpha * torch.sigmoid(l_text.float()) + (1 - alpha) * p_full
-
-
-__all__ = ["MODALITIES", "ModelConfig", "ConfigError", "AttentionPool", "ConflictAwareModel", "build_model",
-           "blend", "conflict_features", "make_head", "dataclass_from_dict"]

@@ -1,11 +1,11 @@
 """Checkpoint A's model: the top n encoder blocks of each modality (trainable) in front of the heads.
 
 `TopBlocksHeads` maps the hidden states that ENTER the top n blocks ('prefix') to the heads' logits:
-prefix -> TopBlocks (extract.encoders, a copy of the encoder's top blocks) -> the 'last' tokens -> heads.
+prefix -> TopBlocks (a copy of the encoder's top blocks) -> the 'last' tokens -> heads.
 Both training paths share it, so they share weights, checkpoints and run folders:
 - cached (`train-heads --unfreeze-top n`): the prefix states come from the cache; only n blocks per encoder
   run per step;
-- end to end (`finetune`, heads/finetune.py): the frozen lower blocks run on the raw media every step and
+- end to end (`finetune`, ahflows/finetune.py): the frozen lower blocks run on the raw media every step and
   produce the same prefix states (in fp32).
 Audio and text go through the blocks one row per encoder segment (`Tokens.parts`), padded with a key mask,
 so attention stays within what the encoder saw together: the result equals the full encoder's output
@@ -18,6 +18,7 @@ count, the HF configs of the encoders (to rebuild the blocks without the encoder
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,15 +27,101 @@ import torch
 from torch import Tensor, nn
 
 from extract.errors import AHError
-from heads.data import SplitData, Tokens
+from extract.spec import ExtractionSpec, spec_from_dict, SpecError
+from extract.vocab import MODALITIES, PREFIX
+from heads.data import SplitData
 from heads.model import ConflictAwareModel
+from heads.run_files import load_tensors, load_weights, RunError, save_tensors
+from heads.tokens import Tokens
 
 TOPS_FILE = "encoder_top.safetensors"
-INPUT_LAYER = "prefix"
 
 
 class TopBlocksError(AHError):
     """A cache or run folder that cannot feed or rebuild the fine-tuned top encoder blocks."""
+
+
+# ---- the blocks ------------------------------------------------------------------------------------
+
+
+def block_parts(model: nn.Module, modality: str) -> tuple[nn.ModuleList, nn.Module | None]:
+    """(the transformer blocks, the module applied after them inside last_hidden_state, if any)."""
+    if modality not in MODALITIES:
+        raise TopBlocksError(f"unknown modality {modality!r}")
+    encoder = getattr(model, "encoder", None)
+    blocks = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise TopBlocksError(f"{model.__class__.__name__}: no encoder.layer(s) block list found")
+    final = None
+    if modality == "video":
+        final = getattr(model, "layernorm", None)  # VideoMAE without mean pooling: LayerNorm after the blocks
+    elif modality == "audio" and getattr(model.config, "do_stable_layer_norm", False):
+        final = encoder.layer_norm  # pre-LN HuBERT (large): LayerNorm after the blocks
+    return blocks, final
+
+
+
+def segment_ids(lengths: Sequence[int], device=None) -> torch.Tensor:
+    """(sum(lengths),) int64 ids 0, 0, ..., 1, 1, ...: which encoder segment each cached token came from."""
+    counts = torch.as_tensor(list(lengths), dtype=torch.long, device=device)
+    return torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+
+
+class TopBlocks(nn.Module):
+    """A copy of the top `n` blocks of one encoder: maps the cached 'prefix' state to the 'last' one.
+
+    forward(prefix (B, L, D), mask (B, L) bool True = real token, segments (B, L) int | None) -> (B, L, D).
+    `segments` restricts attention to tokens of the same encoder segment (long audio / text were encoded in
+    segments), which makes the result exact for them too. VideoMAE takes neither (fixed-length clips).
+    """
+
+    def __init__(self, model: nn.Module, modality: str, n: int):
+        super().__init__()
+        blocks, final = block_parts(model, modality)
+        if not 1 <= n <= len(blocks):
+            raise TopBlocksError(f"TopBlocks: n={n} is not in 1..{len(blocks)}")
+        self.modality = modality
+        self.n = n
+        self.config = copy.deepcopy(model.config)
+        self.blocks = nn.ModuleList(copy.deepcopy(list(blocks[len(blocks) - n :])))
+        self.final = copy.deepcopy(final) if final is not None else None
+        self.layerdrop = float(getattr(self.config, "layerdrop", 0.0) or 0.0) if modality == "audio" else 0.0
+
+    def _attention_mask(self, prefix: torch.Tensor, mask, segments):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        if mask is None and segments is None:
+            return None
+        if mask is None:
+            mask = torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device)
+        and_fn = None
+        if segments is not None:
+            seg = segments.to(prefix.device)
+
+            def and_fn(batch_idx, head_idx, q_idx, kv_idx):
+                return seg[batch_idx, q_idx] == seg[batch_idx, kv_idx]
+
+        return create_bidirectional_mask(
+            config=self.config, inputs_embeds=prefix, attention_mask=mask.to(prefix.device).bool(),
+            and_mask_function=and_fn,
+        )
+
+    def forward(self, prefix: torch.Tensor, mask: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = prefix
+        if self.modality == "video":
+            if segments is not None or (mask is not None and not bool(mask.all())):
+                raise TopBlocksError("TopBlocks(video): VideoMAE blocks take no padding mask or segments")
+            kwargs = {}
+        else:
+            kwargs = {"attention_mask": self._attention_mask(prefix, mask, segments)}
+        for block in self.blocks:
+            if self.training and self.layerdrop > 0 and float(torch.rand([])) < self.layerdrop:
+                continue  # HuBERT LayerDrop, as in its encoder loop
+            hidden = block(hidden, **kwargs)
+        if self.final is not None:
+            hidden = self.final(hidden)
+        return hidden
 
 
 class TopBlocksHeads(nn.Module):
@@ -114,26 +201,9 @@ def hf_config_dict(model: nn.Module) -> dict[str, Any]:
     return json.loads(model.config.to_json_string(use_diff=False))
 
 
-def initial_tops(spec, modalities: Sequence[str], n: int) -> tuple[nn.ModuleDict, dict[str, dict]]:
-    """The top n blocks of each encoder of `spec` (an ExtractionSpec or its dict), copied from the encoder's
-    weights and trainable; with the encoders' HF configs."""
-    from extract.encoders import TopBlocks, load_backbone
-
-    spec = as_spec(spec)
-    tops, configs = nn.ModuleDict(), {}
-    for m in modalities:
-        model = load_backbone(spec, m)
-        tops[m] = TopBlocks(model, m, n).requires_grad_(True)
-        configs[m] = hf_config_dict(model)
-        del model
-    return tops, configs
-
-
 def tops_from_configs(configs: dict[str, dict], n: int, where: str = "run") -> nn.ModuleDict:
     """Randomly initialised blocks of the right architecture (weights are loaded next)."""
     from transformers import AutoConfig, AutoModel
-
-    from extract.encoders import TopBlocks
 
     tops = nn.ModuleDict()
     for m, d in configs.items():
@@ -161,14 +231,10 @@ def _quiet_init():
 
 
 def save_tops(path: Path, tops: nn.ModuleDict) -> None:
-    from heads.checkpoint import save_tensors
-
     save_tensors(path, {f"{m}.{k}": v for m, top in tops.items() for k, v in top.state_dict().items()})
 
 
 def load_tops(path: Path, tops: nn.ModuleDict) -> None:
-    from heads.checkpoint import RunError, load_tensors, load_weights
-
     if not Path(path).is_file():
         raise RunError(f"{Path(path).parent}: {Path(path).name} missing (the fine-tuned encoder blocks)")
     tensors, _ = load_tensors(path)
@@ -184,8 +250,6 @@ def encoders_record(spec, configs: dict[str, dict], n: int, source: str) -> dict
 
 def as_spec(spec):
     """An ExtractionSpec from a spec or its dict (e.g. a cache manifest's)."""
-    from extract.spec import ExtractionSpec, SpecError, spec_from_dict
-
     if isinstance(spec, ExtractionSpec):
         return spec
     try:
@@ -200,7 +264,7 @@ def as_spec(spec):
 def cache_prefix_problem(spec: dict | None, n: int) -> str | None:
     """Why a cache (its spec dict) cannot feed top-n blocks, or None when it can."""
     spec = spec or {}
-    if "prefix" not in (spec.get("layers") or []):
+    if PREFIX not in (spec.get("layers") or []):
         return ("the cache holds no 'prefix' layer (re-extract with 'prefix' added to the spec's layers "
                 f"and unfreeze_top {n})")
     have = int(spec.get("unfreeze_top") or 0)
@@ -213,54 +277,4 @@ def cache_prefix_problem(spec: dict | None, n: int) -> str | None:
 def data_has_prefix(data: SplitData, modalities: Sequence[str], text_source: str = "full") -> bool:
     table = {"video": data.video, "audio": data.audio,
              "text": data.text_window if text_source == "window" else data.text}
-    return all(INPUT_LAYER in table[m] for m in modalities)
-
-
-@torch.no_grad()
-def cached_window_logits(core: TopBlocksHeads, data: SplitData, *, windows: int | None, text_source: str = "full",
-                         batch_size: int = 64, device=None, amp: bool = True):
-    """infer.window_logits for a TopBlocksHeads over cached prefix states: audio and the full transcript
-    go through their blocks once per video, video clips once per window."""
-    from heads.infer import WindowLogits, autocast
-
-    device = torch.device(device) if device is not None else next(core.parameters()).device
-    w = data.max_windows if not windows else min(int(windows), data.max_windows)
-    n = len(data)
-    per = max(1, int(batch_size) // max(w, 1))             # videos per forward
-    present = core.cfg.present
-    shared = ["audio"] + (["text"] if text_source == "full" else [])
-    was_training = core.training
-    core.eval()
-    full, text, valid = [], [], []
-    try:
-        for s in range(0, n, per):
-            rows = torch.arange(s, min(s + per, n), device=data.device)
-            r_rep = rows.repeat_interleave(w)
-            wins = torch.arange(w, device=data.device).repeat(rows.numel())
-            ok = wins < data.n_windows[r_rep]
-            wins = torch.minimum(wins, data.n_windows[r_rep] - 1)
-            tokens: dict[str, Tokens] = {}
-            if "video" in present:
-                tokens["video"] = Tokens(data.video[INPUT_LAYER][r_rep, wins], r_rep.numel())
-            if "audio" in present:
-                tokens["audio"] = data.audio[INPUT_LAYER].gather(rows)
-            if "text" in present:
-                tokens["text"] = (data.text[INPUT_LAYER].gather(rows) if text_source == "full"
-                                  else data.text_window[INPUT_LAYER].gather(r_rep * data.max_windows + wins))
-            tokens = {m: t.to(device, non_blocking=True) for m, t in tokens.items()}
-            with autocast(device, amp):
-                lf, lt = core.window_forward(tokens, w, per_video=shared)
-            full.append(lf.float().cpu())
-            if lt is not None:
-                text.append(lt.float().cpu())
-            valid.append(ok.cpu())
-    finally:
-        core.train(was_training)
-    shape = (n, w)
-    return WindowLogits(torch.cat(full).view(shape), torch.cat(text).view(shape) if text else None,
-                        torch.cat(valid).view(shape))
-
-
-__all__ = ["TopBlocksHeads", "head_model_of", "tops_of", "TopBlocksError", "TOPS_FILE", "apply_top", "initial_tops", "tops_from_configs",
-           "save_tops", "load_tops", "encoders_record", "cache_prefix_problem", "data_has_prefix",
-           "cached_window_logits", "hf_config_dict", "as_spec"]
+    return all(PREFIX in table[m] for m in modalities)

@@ -26,11 +26,9 @@ to lr_min.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -39,135 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads import checkpoint as ckpt
-from heads.data import TEXT_SOURCES, SplitData, resolve_device
+from extract.files import atomic_write_json
+from heads.config import ConfigError, ModelConfig, TrainConfig
+from heads.data import resolve_device, SplitData
 from heads.host_memory import keep_freed_memory
-from heads.infer import WindowLogits, autocast, window_logits
+from heads.infer import autocast, window_logits, WindowLogits
 from heads.metrics import bah_metrics, sweep_threshold
-from heads.model import ConfigError, ConflictAwareModel, ModelConfig, build_model, dataclass_from_dict
-
-
-@dataclass
-class TrainConfig:
-    seed: int = 0
-    epochs: int = 60                 # maximum epochs
-    patience: int = 15               # epochs without a better val Macro F1 before stopping
-    lr: float = 3e-5
-    lr_min: float = 3e-7             # cosine annealing floor
-    weight_decay: float = 1e-2
-    beta1: float = 0.9
-    beta2: float = 0.999
-    batch_size: int = 4              # micro-batch size
-    accum: int = 4                   # micro-batches per optimizer step (run together as one forward)
-    text_weight: float = 0.5         # w in the joint loss
-    label_smoothing: float = 0.0     # eps; the paper's checkpoint B uses 0.1
-    alpha: float = 0.6               # blend weight of the text head at evaluation
-    threshold_lo: float = 0.25
-    threshold_hi: float = 0.75
-    threshold_step: float = 0.01
-    eval_windows: int = 0            # eval windows averaged on val; 0 = all cached
-    text_source: str = "full"        # 'full' transcript or 'window'-aligned transcript
-    layer: str = "last"              # cached layer the heads read
-    amp: bool = True                 # bf16 autocast on CUDA (never on the CPU)
-    eval_batch_size: int = 64        # (video, window) samples per evaluation forward
-    device: str = "auto"             # where to train; not part of a run's identity
-    unfreeze_top: int = 0            # top encoder blocks trained too (0: heads only); reads the 'prefix' layer
-    encoder_lr_scale: float = 0.1    # their learning rate = lr x this (paper: 3e-6 for lr 3e-5)
-    # Least seconds between resume checkpoints (model + optimizer: ~1 GB at the paper's sizes, seconds to
-    # write); the last epoch and an interrupted run are always written. 0: after every epoch.
-    checkpoint_seconds: float = 60.0
-
-    RUNTIME = ("device", "eval_batch_size", "checkpoint_seconds")   # options a resumed run may change
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, "epochs must be >= 1"), (self.patience >= 1, "patience must be >= 1"),
-            (self.batch_size >= 1 and self.accum >= 1, "batch_size and accum must be >= 1"),
-            (self.lr > 0 and 0 <= self.lr_min <= self.lr, "need lr > 0 and 0 <= lr_min <= lr"),
-            (0 <= self.text_weight <= 1, "text_weight must lie in [0, 1]"),
-            (0 <= self.label_smoothing < 1, "label_smoothing must lie in [0, 1)"),
-            (0 <= self.alpha <= 1, "alpha must lie in [0, 1]"),
-            (0 <= self.threshold_lo <= self.threshold_hi <= 1 and self.threshold_step > 0,
-             "thresholds: need 0 <= lo <= hi <= 1 and step > 0"),
-            (self.text_source in TEXT_SOURCES, f"text_source must be one of {', '.join(TEXT_SOURCES)}"),
-            (self.eval_windows >= 0, "eval_windows must be >= 0"),
-            (self.unfreeze_top >= 0, "unfreeze_top must be >= 0"),
-            (self.encoder_lr_scale > 0, "encoder_lr_scale must be > 0"),
-            (self.checkpoint_seconds >= 0, "checkpoint_seconds must be >= 0"),
-            (self.unfreeze_top == 0 or self.layer == "last",
-             "with unfreeze_top the heads read the top blocks' output: layer must be 'last'"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def identity(self) -> dict[str, Any]:
-        d = self.to_dict()
-        for k in self.RUNTIME:
-            d.pop(k)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "train config") -> "TrainConfig":
-        return dataclass_from_dict(cls, data, where)
-
-    @property
-    def input_layer(self) -> str:
-        """The cached layer a batch is read from: the heads' layer, or 'prefix' under unfrozen top blocks."""
-        return "prefix" if self.unfreeze_top else self.layer
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    val_loss: float
-    val_macro_f1: float
-    val_f1_ah: float
-    val_f1_noah: float
-    threshold: float
-    lr: float
-
-
-@dataclass
-class TrainResult:
-    model: nn.Module                      # best epoch's weights, eval mode: ConflictAwareModel, or
-                                          # heads.topblocks.TopBlocksHeads with unfrozen top blocks
-    model_config: ModelConfig
-    train_config: TrainConfig
-    best_epoch: int
-    threshold: float
-    val_metrics: dict[str, Any]
-    history: list[EpochRecord]
-    stopped_early: bool
-    seconds: float
-    completed: bool = True                # False when stopped by `stop_after`
-
-    def metrics_record(self) -> dict[str, Any]:
-        alpha = self.train_config.alpha if self.model_config.has_text else 0.0
-        return {"best_epoch": self.best_epoch, "threshold": self.threshold, "alpha": alpha,
-                "windows": self.train_config.eval_windows or None, "epochs_run": len(self.history),
-                "stopped_early": self.stopped_early, "val": self.val_metrics, "seconds": round(self.seconds, 3)}
-
-
-class TrainingStopped(Exception):
-    """Raised by a callback to stop training after the current epoch's checkpoint (simulates a crash)."""
-
-
-@dataclass
-class _State:
-    """Everything an epoch boundary needs to continue (besides model and optimizer tensors)."""
-    epoch: int = 0
-    best_epoch: int = 0
-    best_f1: float = -1.0
-    best_threshold: float = 0.5
-    best_metrics: dict = field(default_factory=dict)
-    bad_epochs: int = 0
-    history: list = field(default_factory=list)
-    seconds: float = 0.0
+from heads.model import build_model
+from heads.resume import Checkpointer, finalize, prepare_out, restore, SnapshotBuffers
+from heads.topblocks import data_has_prefix, TopBlocksHeads, tops_of
+from heads.train_state import EpochRecord, TrainingStopped, TrainProgress, TrainResult, TrainState
+from heads import run_files as rf
 
 
 # ---- pieces ----------------------------------------------------------------------------------------
@@ -208,8 +88,6 @@ def steps_per_epoch(n: int, batch_size: int, accum: int) -> int:
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Heads at lr; fine-tuned encoder blocks (a TopBlocksHeads' `tops`) at lr x encoder_lr_scale."""
-    from heads.topblocks import tops_of
-
     tops = tops_of(model)
     if tops is None:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
@@ -225,108 +103,6 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opti
         return torch.optim.AdamW(params, fused=True, **kw)     # one kernel per step, CPU and CUDA
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(params, **kw)
-
-
-# ---- optimizer state as safetensors + JSON ---------------------------------------------------------
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The optimizer's tensors by flat name (device tensors, not copied) and the rest as JSON."""
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optim/{pid}/{k}"] = v
-            else:
-                scalars[f"{pid}/{k}"] = v
-    groups = json.loads(json.dumps(sd["param_groups"], default=list))
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim/"):
-            _, pid, name = key.split("/", 2)
-            state.setdefault(int(pid), {})[name] = v
-    for key, v in meta["scalars"].items():
-        pid, name = key.split("/", 1)
-        state.setdefault(int(pid), {})[name] = v
-    groups = meta["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-# ---- snapshots and the checkpoint writer -----------------------------------------------------------
-
-
-class _Buffers:
-    """CPU copies of device tensors, allocated once (pinned for CUDA sources) and refilled in place."""
-
-    def __init__(self) -> None:
-        self.bufs: dict[str, Tensor] = {}
-
-    def capture(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        out, cuda = {}, False
-        for k, v in tensors.items():
-            v = v.detach()
-            buf = self.bufs.get(k)
-            if buf is None or buf.shape != v.shape or buf.dtype != v.dtype:
-                buf = torch.empty(v.shape, dtype=v.dtype, pin_memory=v.is_cuda)
-                self.bufs[k] = buf
-            buf.copy_(v, non_blocking=v.is_cuda)
-            cuda |= v.is_cuda
-            out[k] = buf
-        if cuda:
-            torch.cuda.synchronize()
-        return out
-
-
-class _Checkpointer:
-    """Writes epoch checkpoints from a background thread, in order, one epoch in flight at a time.
-    Before the next snapshot refills the buffers, the previous write is waited for."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
-        self.pending: Future | None = None
-        self.state_bufs = _Buffers()
-
-    def wait(self) -> None:
-        if self.pending is not None:
-            self.pending.result()        # re-raises a write error here
-            self.pending = None
-
-    def save(self, model, opt, sched, st: "_State", best: dict[str, Tensor] | None) -> None:
-        """Snapshot now (training goes on mutating the tensors); write in the thread. `best`, when
-        the epoch improved, must stay untouched until the next call (it is the trainer's best copy)."""
-        self.wait()
-        optim_t, optim_meta = optimizer_tensors(opt)
-        tensors = self.state_bufs.capture({f"model/{k}": v for k, v in model.state_dict().items()} | optim_t)
-        meta = {"state": asdict(st), "optimizer": optim_meta, "scheduler": sched.state_dict()}
-        self.pending = self.pool.submit(_write_epoch, self.out, tensors, meta, best, st.best_epoch)
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self.pool.shutdown(wait=True)
-
-
-def _best_name(epoch: int) -> str:
-    return f"best-e{epoch:03d}.safetensors"
-
-
-def _write_epoch(out: Path, tensors: dict, meta: dict, best: dict | None, best_epoch: int) -> None:
-    if best is not None:
-        ckpt.save_tensors(out / _best_name(best_epoch), best, {"epoch": str(best_epoch)})
-    ckpt.save_tensors(out / ckpt.STATE_FILE, tensors, {"state": json.dumps(meta)})
-    for stale in out.glob("best-e*.safetensors"):         # only after the state that names the new one
-        if stale.name != _best_name(best_epoch):
-            stale.unlink(missing_ok=True)
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -365,18 +141,19 @@ def train_heads(
     on_step: Callable[[int, int], None] | None = None,
     cache: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-    encoder_spec: dict[str, Any] | None = None,
+    tops: nn.ModuleDict | None = None,
+    encoders: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train the heads on `train`, select on `val`; with `out`, write a run folder (crash-safe).
 
-    With cfg.unfreeze_top = n the top n blocks of each encoder are trained too, from the cached 'prefix'
-    states (the splits must be loaded with layers including 'prefix'); they start from the encoders' weights,
-    loaded from `encoder_spec` (the cache's spec dict; default: the spec of the cache at cache['path']).
+    With cfg.unfreeze_top = n the top n blocks of each encoder (`tops`, with config.json's `encoders` section:
+    ahflows.checkpoint_a.cached_tops builds both from the encoders' weights) are trained too, from the
+    cached 'prefix' states (the splits must be loaded with layers including 'prefix').
     `stop_after=k` returns after epoch k's checkpoint (a simulated interruption; resume with resume=True).
     `on_epoch` may raise TrainingStopped to stop the same way. `cache` is {fingerprint, path} for config.json.
     """
     device = resolve_device(cfg.device)
-    cache = cache or ckpt.cache_record()
+    cache = cache or rf.cache_record()
     layer = cfg.input_layer
     if cfg.text_source == "window" and model_cfg.has_text and layer not in train.text_window:
         raise ConfigError("text_source 'window': the cache holds no window-aligned transcripts"
@@ -388,9 +165,8 @@ def train_heads(
         raise ConfigError(f"split {val.split!r} has no labelled videos to select the epoch on")
 
     model = build_model(model_cfg, seed=cfg.seed)
-    encoders = None
     if cfg.unfreeze_top:
-        model, encoders = _cached_top_model(model, train, val, model_cfg, cfg, cache, encoder_spec)
+        model = _with_tops(model, tops, train, val, cfg)
 
     def groups(epoch: int, g: torch.Generator):
         order = labelled.cpu()[torch.randperm(labelled.numel(), generator=g)]
@@ -412,28 +188,16 @@ def train_heads(
                on_step=on_step, cache=cache, extra=extra, encoders=encoders)
 
 
-def _cached_top_model(heads, train: SplitData, val: SplitData, model_cfg: ModelConfig, cfg: TrainConfig,
-                      cache: dict[str, Any], encoder_spec: dict[str, Any] | None):
-    """The cached fast path's model: the encoders' top blocks (from their weights) + the heads."""
-    from heads import topblocks
-
-    spec = encoder_spec
-    if spec is None:
-        if not cache.get("path"):
-            raise ConfigError("unfreeze_top: give the cache's spec (encoder_spec) to initialise the top blocks")
-        from extract.store import CacheReader
-
-        spec = CacheReader(cache["path"]).spec
-    problem = topblocks.cache_prefix_problem(spec, cfg.unfreeze_top)
-    if problem is not None:
-        raise ConfigError(f"--unfreeze-top {cfg.unfreeze_top}: {problem}")
+def _with_tops(heads: nn.Module, tops: nn.ModuleDict | None, train: SplitData, val: SplitData,
+               cfg: TrainConfig) -> TopBlocksHeads:
+    """The cached fast path's model: the encoders' top blocks + the heads, over the splits' prefix states."""
+    if tops is None:
+        raise ConfigError(f"--unfreeze-top {cfg.unfreeze_top}: no top encoder blocks given to train")
     for data in (train, val):
-        if not topblocks.data_has_prefix(data, model_cfg.present, cfg.text_source):
+        if not data_has_prefix(data, heads.cfg.present, cfg.text_source):
             raise ConfigError(f"--unfreeze-top: split {data.split!r} was loaded without the 'prefix' layer "
                               "(load it with layers including 'prefix')")
-    tops, configs = topblocks.initial_tops(spec, model_cfg.present, cfg.unfreeze_top)
-    return (topblocks.TopBlocksHeads(tops, heads),
-            topblocks.encoders_record(spec, configs, cfg.unfreeze_top, source="cache"))
+    return TopBlocksHeads(tops, heads)
 
 
 def fit(
@@ -455,7 +219,7 @@ def fit(
     `encoders` is config.json's "encoders" section of a run with fine-tuned top blocks."""
     device = resolve_device(cfg.device)
     out = Path(out) if out is not None else None
-    cache = cache or ckpt.cache_record()
+    cache = cache or rf.cache_record()
     n_train = int((~torch.isnan(learner.train_labels)).sum())
     if n_train == 0:
         raise ConfigError("no labelled videos to train on")
@@ -471,20 +235,20 @@ def fit(
     opt = make_optimizer(param_groups(model, cfg), cfg, device)
     total_steps = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, cfg.accum)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1), eta_min=cfg.lr_min)
-    st = _State()
+    st = TrainState()
     best_weights: dict[str, Tensor] | None = None
 
-    config_json = ckpt.make_config(model_cfg, cfg, cache, extra, encoders=encoders)
+    config_json = rf.make_config(model_cfg, cfg, cache, extra, encoders=encoders)
     if out is not None:
-        done = _prepare_out(out, resume, config_json)
+        done = prepare_out(out, resume, config_json)
         if done is not None:
             return done
-        if resume and (out / ckpt.STATE_FILE).exists():
-            st, best_weights = _restore(out, model, opt, sched)
-        ckpt.atomic_write_json(out / ckpt.CONFIG_FILE, config_json)
+        if resume and (out / rf.STATE_FILE).exists():
+            st, best_weights = restore(out, model, opt, sched)
+        atomic_write_json(out / rf.CONFIG_FILE, config_json)
 
-    writer = _Checkpointer(out) if out is not None else None
-    best_bufs = _Buffers()
+    writer = Checkpointer(out) if out is not None else None
+    best_bufs = SnapshotBuffers()
     progress = TrainProgress(cfg.epochs, st.epoch)
     stopped_early = st.bad_epochs >= cfg.patience
     interrupted = False
@@ -537,16 +301,8 @@ def fit(
     result = TrainResult(model, model_cfg, cfg, st.best_epoch, st.best_threshold, st.best_metrics, history,
                          stopped_early, st.seconds, completed=not interrupted)
     if out is not None and not interrupted:
-        _finalize(out, result)
+        finalize(out, result)
     return result
-
-
-@dataclass
-class TrainProgress:
-    epochs: int
-    epoch: int
-    best_epoch: int = 0
-    best_f1: float = -1.0
 
 
 def _train_epoch(learner: Learner, opt, sched, n: int, cfg: TrainConfig, epoch: int, pw: Tensor, w: float,
@@ -605,92 +361,3 @@ def _validate(wl: WindowLogits, val_labels: Tensor, cfg: TrainConfig, pw: Tensor
     m = bah_metrics(labels, probs=probs, threshold=t)
     rec = EpochRecord(epoch, train_loss, val_loss, m["macro_f1"], m["f1_ah"], m["f1_noah"], t, float(lr))
     return rec, m
-
-
-# ---- run folder plumbing ---------------------------------------------------------------------------
-
-
-def check_out_folder(out: str | Path, resume: bool) -> None:
-    """Refuse (one line) to train into a folder that already holds a run unless resuming it."""
-    out = Path(out)
-    if not resume and ((out / ckpt.STATE_FILE).exists() or (out / ckpt.METRICS_FILE).exists()):
-        raise ckpt.RunError(f"{out}: already holds a run; pass --resume to continue it or choose another folder")
-
-
-def _prepare_out(out: Path, resume: bool, config_json: dict) -> TrainResult | None:
-    """Create `out`; refuse to overwrite a run; with resume, check it is the same run (options and cache).
-    Returns the result of a run that is already finished, else None (train or continue)."""
-    check_out_folder(out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".*.tmp-*"):                      # half-written files of a killed run
-        tmp.unlink(missing_ok=True)
-    has_state = (out / ckpt.STATE_FILE).exists()
-    finished = (out / ckpt.METRICS_FILE).exists()
-    if (has_state or finished) and resume:
-        old = ckpt.read_config(out)
-        for section in ("model", "train"):
-            a, b = dict(old[section]), dict(config_json[section])
-            if section == "train":
-                a = {**_train_defaults(), **a}           # a run written before an option existed
-                for k in TrainConfig.RUNTIME:
-                    a.pop(k, None), b.pop(k, None)
-            if a != b:
-                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-                raise ckpt.RunError(f"{out}: --resume with different {section} options ({', '.join(diff)})")
-        fp_old, fp_new = (old.get("cache") or {}).get("fingerprint"), config_json["cache"].get("fingerprint")
-        if fp_old != fp_new:
-            raise ckpt.RunError(f"{out}: --resume on another cache (fingerprint {fp_old} vs {fp_new})")
-    if finished and resume:
-        return _load_finished(out)
-    return None
-
-
-def _train_defaults() -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-
-
-def _load_finished(out: Path) -> TrainResult:
-    run = ckpt.load_run(out)
-    hist = [EpochRecord(**h) for h in ckpt.read_history(out / ckpt.HISTORY_FILE)]
-    m = run.metrics
-    for stale in [out / ckpt.STATE_FILE, *out.glob("best-e*.safetensors")]:   # leftovers of a kill after finish
-        stale.unlink(missing_ok=True)
-    return TrainResult(run.model, run.model_config, run.train_config, int(m["best_epoch"]), float(m["threshold"]),
-                       m["val"], hist, bool(m["stopped_early"]), float(m.get("seconds", 0.0)))
-
-
-def _restore(out: Path, model, opt, sched) -> tuple[_State, dict[str, Tensor]]:
-    tensors, meta = ckpt.load_tensors(out / ckpt.STATE_FILE)
-    try:
-        blob = json.loads(meta["state"])
-        st = _State(**blob["state"])
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise ckpt.RunError(f"{out / ckpt.STATE_FILE}: not a training state ({exc})") from exc
-    model_t = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    ckpt.load_weights(model, model_t, str(out / ckpt.STATE_FILE))
-    optimizer_from_flat(opt, tensors, blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    best_path = out / _best_name(st.best_epoch)
-    if not best_path.exists():
-        raise ckpt.RunError(f"{out}: {best_path.name} is missing; the training state cannot be resumed")
-    best, _ = ckpt.load_tensors(best_path)
-    return st, best
-
-
-def _finalize(out: Path, result: TrainResult) -> None:
-    from heads.topblocks import TOPS_FILE, head_model_of, save_tops, tops_of
-
-    ckpt.save_model(out / ckpt.MODEL_FILE, head_model_of(result.model), {"epoch": str(result.best_epoch)})
-    if tops_of(result.model) is not None:                # fine-tuned encoder blocks beside the heads
-        save_tops(out / TOPS_FILE, tops_of(result.model))
-    ckpt.write_history(out / ckpt.HISTORY_FILE, [asdict(h) for h in result.history])
-    ckpt.atomic_write_json(out / ckpt.METRICS_FILE, result.metrics_record())    # last: marks the run complete
-    for stale in [out / ckpt.STATE_FILE, *out.glob("best-e*.safetensors")]:
-        stale.unlink(missing_ok=True)
-
-
-__all__ = ["TrainConfig", "TrainResult", "EpochRecord", "TrainProgress", "TrainingStopped", "train_heads",
-           "fit", "Learner", "param_groups", "check_out_folder", "accumulation_weights",
-           "joint_loss", "smooth", "pos_weight_of", "epoch_seed", "steps_per_epoch"]

@@ -140,7 +140,7 @@ def synth_tree(tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="session")
 def tiny_specs(tmp_path_factory) -> dict[str, Path]:
-    from extract.encoders import write_tiny_encoders
+    from extract.tiny_encoders import write_tiny_encoders
 
     spec = write_tiny_encoders(tmp_path_factory.mktemp("tiny_encoders"), seed=0)
     hdf5 = spec.with_name("cache_spec_hdf5.yaml")  # same folder: the relative encoder paths resolve alike

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from heads.data import SplitData
-from heads.model import ModelConfig
-from heads.train import TrainConfig
+from heads.config import ModelConfig
+from heads.config import TrainConfig
 
 DIMS = (16, 12, 10)
 
@@ -32,7 +32,8 @@ def tiny_train(**kw) -> TrainConfig:
 def write_cache(path: Path, sizes: dict[str, int] | None = None, dims=DIMS, windows=(3, 2), signal="conflict") -> Path:
     """A real cache (extract.store.CacheWriter) holding SplitData.synthetic splits, private unlabelled."""
     from extract.spec import ExtractionSpec, WindowSpec
-    from extract.store import CacheWriter, VideoRecord
+    from extract.cache_writer import CacheWriter
+    from extract.record import VideoRecord
 
     sizes = sizes or {"train": 32, "val": 16, "test": 16, "private": 4}
     spec = ExtractionSpec(windows=WindowSpec(frames=16, train=windows[0], eval=windows[1]))
@@ -47,7 +48,7 @@ def write_cache(path: Path, sizes: dict[str, int] | None = None, dims=DIMS, wind
 
 
 def records(data: SplitData, labelled: bool = True):
-    from extract.store import VideoRecord
+    from extract.record import VideoRecord
 
     w = data.max_windows
     tw = data.text_window["last"]

@@ -26,10 +26,11 @@ class Case:
 
 def _train(cache: Path, out: Path, label_smoothing: float, unfreeze_top: int = 0, epochs: int = 3) -> Path:
     from extract.store import CacheReader
-    from heads.checkpoint import cache_record
+    from heads.run_files import cache_record
     from heads.data import load_split
-    from heads.model import ModelConfig
-    from heads.train import TrainConfig, train_heads
+    from heads.config import ModelConfig
+    from heads.config import TrainConfig
+    from ahflows.checkpoint_a import train_from_cache
 
     reader = CacheReader(cache)
     layers = ("last", "prefix") if unfreeze_top else ("last",)
@@ -39,7 +40,7 @@ def _train(cache: Path, out: Path, label_smoothing: float, unfreeze_top: int = 0
     extra = {"unfreeze_top": unfreeze_top} if unfreeze_top else {}
     tcfg = TrainConfig(epochs=epochs, patience=epochs, lr=3e-3, lr_min=3e-5, batch_size=8, accum=1, device="cpu",
                        label_smoothing=label_smoothing, **extra)
-    train_heads(train, val, mcfg, tcfg, out, cache=cache_record(reader, cache))
+    train_from_cache(train, val, mcfg, tcfg, out, spec=reader.spec, cache=cache_record(reader))
     return out
 
 
@@ -68,7 +69,7 @@ def build(synth_out: Path, spec: Path, tmp_path_factory) -> Case:
 
 def _build(synth_out: Path, spec: Path, tmp_path_factory) -> Case:
     from extract.run import ExtractOptions, extract
-    from heads.ensemble import run_ensemble
+    from ahflows.ensemble import run_ensemble
 
     root = tmp_path_factory.mktemp("report_case")
     data = Path(synth_out) / "data"

@@ -30,11 +30,11 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full(cache, tmp_path_factory):
     """One full ablation with 2 seeds, counting trainings and split loads."""
-    import heads.data
-    import heads.train
+    import ahflows.ablate
+    import ahflows.checkpoint_a
 
     calls = {"train": 0, "load": []}
-    real_train, real_load = heads.train.train_heads, heads.data.load_split
+    real_train, real_load = ahflows.checkpoint_a.train_heads, ahflows.ablate.load_split
 
     def train(*a, **k):
         calls["train"] += 1
@@ -45,10 +45,10 @@ def full(cache, tmp_path_factory):
         return real_load(reader, split, *a, **k)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(heads.train, "train_heads", train)
-    mp.setattr(heads.data, "load_split", load)
+    mp.setattr(ahflows.checkpoint_a, "train_heads", train)
+    mp.setattr(ahflows.ablate, "load_split", load)
     try:
-        from heads.ablate import run_ablation
+        from ahflows.ablate import run_ablation
 
         out = tmp_path_factory.mktemp("ablation")
         res = run_ablation(cache, out, seeds=2, base=BASE)
@@ -107,22 +107,22 @@ def test_splits_loaded_once_and_inference_variants_not_retrained(full):
 def test_resume_reuses_finished_trainings(full, cache, tmp_path):
     import shutil
 
-    import heads.train
-    from heads.ablate import run_ablation
+    import ahflows.checkpoint_a
+    from ahflows.ablate import run_ablation
 
     out = tmp_path / "resumed"
     shutil.copytree(full["out"], out)
     log = (out / "trainings.jsonl").read_text().splitlines()
     (out / "trainings.jsonl").write_text("\n".join(log[:-3]) + "\n" + log[-3][:20])   # a cut last line
     n = {"train": 0}
-    real = heads.train.train_heads
+    real = ahflows.checkpoint_a.train_heads
 
     def counting(*a, **k):
         n["train"] += 1
         return real(*a, **k)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(heads.train, "train_heads", counting)
+    mp.setattr(ahflows.checkpoint_a, "train_heads", counting)
     try:
         res = run_ablation(cache, out, seeds=2, base=BASE, resume=True)
     finally:
@@ -135,7 +135,7 @@ def test_resume_reuses_finished_trainings(full, cache, tmp_path):
 
 
 def test_controlled_and_unknown_options_are_refused(cache, tmp_path):
-    from heads.ablate import AblationError, run_ablation
+    from ahflows.ablate import AblationError, run_ablation
 
     with pytest.raises(AblationError, match="seed"):
         run_ablation(cache, tmp_path / "a", seeds=1, base={"seed": 3})
@@ -174,10 +174,11 @@ ACCEPT_BASE = {"dim": 64, "head_hidden": 64, "lr": 1e-3, "patience": 30, "device
 def test_full_model_beats_every_single_modality_on_a_synthetic_tree(tmp_path):
     """synth -> tiny encoders -> extract -> `ablate --quick`: the planted rule (A/H = face valence XOR text
     valence, extract/synth.py) needs face and words together, so vat must clear v, a and t on test."""
-    from extract.encoders import write_tiny_encoders
+    from extract.tiny_encoders import write_tiny_encoders
     from extract.run import ExtractOptions, extract
     from extract.synth import write_synthetic_bah
-    from heads.ablate import full_vs_single, run_ablation
+    from ahflows.ablate import run_ablation
+    from ahflows.ablation_table import full_vs_single
 
     write_synthetic_bah(tmp_path / "synth", ACCEPT_VIDEOS, ACCEPT_SEED)
     spec = write_tiny_encoders(tmp_path / "enc")

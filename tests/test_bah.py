@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from extract.bah import (
-    SPLITS, BahError, NotBahTree, TranscriptChunk, _timing, load_yaml, monotonic_chunks, parse_transcript,
-    read_bah, read_split_file,
-)
+from extract.vocab import SPLITS
+from extract.bah import BahError, NotBahTree, TranscriptChunk, _timing, load_yaml, monotonic_chunks, parse_transcript, read_bah, read_split_file
 from extract.media import MediaInfo
 from helpers_bah import cached_synth, copy_tree, line_of, write_mp4
 

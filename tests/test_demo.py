@@ -2,15 +2,15 @@
 the pieces that need no pipeline (option checks, the results table)."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from heads.demo import (STAGES, DemoError, DemoOptions, DemoPaths, check_options, full_vs_single, result_rows)
-from heads.report import is_png, linked_files
+from ahflows.demo import STAGES, DemoError, DemoOptions, DemoPaths, check_options, full_vs_single, result_rows
+from ahflows.ablation_table import Row, write_csv
+from ahflows.report import is_png, linked_files
 
 
 def test_options_recorded_and_other_options_refused(tmp_path):
@@ -33,13 +33,12 @@ def test_refuses_a_folder_that_is_not_a_demo(tmp_path):
 
 def _fake_outputs(paths: DemoPaths, full: float) -> None:
     paths.ablation.mkdir(parents=True)
-    with open(paths.ablation / "ablation.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["table", "config", "split", "seed", "macro_f1", "f1_ah", "f1_noah"])
-        for m, f1 in (("v", 0.55), ("a", 0.52), ("t", 0.6), ("vat", full)):
-            w.writerow(["5", f"modality={m}", "test", "0", 0.1, 0.1, 0.1])           # per-seed rows: ignored
-            w.writerow(["5", f"modality={m}", "test", "mean", f1, f1 - 0.05, f1 + 0.05])
-            w.writerow(["5", f"modality={m}", "val", "mean", 0.99, 0.99, 0.99])      # val: ignored
+    rows = []
+    for m, f1 in (("v", 0.55), ("a", 0.52), ("t", 0.6), ("vat", full)):
+        rows.append(Row("5", f"modality={m}", "test", 0, 0.1, 0.1, 0.1))                # per-seed rows: ignored
+        rows.append(Row("5", f"modality={m}", "test", "mean", f1, f1 - 0.05, f1 + 0.05))
+        rows.append(Row("5", f"modality={m}", "val", "mean", 0.99, 0.99, 0.99))         # val: ignored
+    write_csv(paths.ablation / "ablation.csv", rows)
     paths.ensemble.mkdir(parents=True)
     runs = [{"path": str(paths.run(n)), "test": {"macro_f1": f, "f1_ah": f, "f1_noah": f}} for n, f in (("A", 0.7), ("B", 0.72))]
     (paths.ensemble / "metrics.json").write_text(json.dumps(

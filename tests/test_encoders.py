@@ -8,18 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from extract.encoders import (
-    EncoderError,
-    TopBlocks,
-    audio_segment_bounds,
-    conv_output_length,
-    load_backbone,
-    load_encoders,
-    normalize_clips,
-    segment_ids,
-    unfreeze_top,
-    write_tiny_encoders,
-)
+from extract.encoders import EncoderError, audio_segment_bounds, conv_output_length, load_backbone, load_encoders, normalize_clips
+from heads.topblocks import TopBlocks, TopBlocksError, block_parts, segment_ids
+from extract.tiny_encoders import write_tiny_encoders
 from extract.spec import load_spec
 
 N_TOP = 2  # the tiny spec's unfreeze_top
@@ -290,12 +281,13 @@ def test_top_blocks_other_layouts():
     assert TopBlocks(video, "video", 1).final is None and TopBlocks(audio, "audio", 1).final is not None
 
 
-def test_unfreeze_top_enables_only_the_top_blocks(spec):
+def test_top_blocks_copy_only_the_top_blocks(spec):
     model = load_backbone(spec, "text")
     assert not any(p.requires_grad for p in model.parameters())
-    params = unfreeze_top(model, "text", N_TOP)
-    top_ids = {id(p) for layer in model.encoder.layer[-N_TOP:] for p in layer.parameters()}
-    assert {id(p) for p in params} == top_ids
-    assert {id(p) for p in model.parameters() if p.requires_grad} == top_ids
-    with pytest.raises(EncoderError):
-        unfreeze_top(model, "text", 99)
+    blocks, _ = block_parts(model, "text")
+    top = TopBlocks(model, "text", N_TOP)
+    for copied, original in zip(top.blocks, blocks[-N_TOP:]):
+        for (name, p), (_, q) in zip(copied.named_parameters(), original.named_parameters()):
+            assert p is not q and torch.equal(p, q), name
+    with pytest.raises(TopBlocksError):
+        TopBlocks(model, "text", 99)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def case(tmp_path_factory):
     """A real cache and two finished run folders on it (checkpoints 'A' eps 0 and 'B' eps 0.1)."""
     from extract.store import CacheReader
-    from heads.checkpoint import cache_record
+    from heads.run_files import cache_record
     from heads.data import load_split
     from heads.train import train_heads
 
@@ -36,7 +36,7 @@ def case(tmp_path_factory):
     runs = []
     for name, eps, seed in (("A", 0.0, 0), ("B", 0.1, 1)):
         train_heads(train, val, tiny_model(train), tiny_train(epochs=3, label_smoothing=eps, seed=seed),
-                    root / name, cache=cache_record(reader, cache))
+                    root / name, cache=cache_record(reader))
         runs.append(root / name)
     return {"root": root, "cache": cache, "runs": runs, "reader": reader}
 
@@ -49,7 +49,7 @@ def _lines(path: Path) -> list[list[str]]:
 
 def _check_submission(out: Path, order: list[str], threshold: float) -> dict[str, str]:
     """Validate both challenge files; return video_id -> printed p1."""
-    from heads.submission import NO_PROBS, WITH_PROBS
+    from ahflows.submission import NO_PROBS, WITH_PROBS
 
     with_p, no_p = _lines(out / WITH_PROBS), _lines(out / NO_PROBS)
     assert len(with_p) == len(no_p) == len(order)
@@ -66,7 +66,7 @@ def _check_submission(out: Path, order: list[str], threshold: float) -> dict[str
 
 def _independent_ensemble(case, split: str, windows: int = 5) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The mean of each run's own predict_split, computed here without heads.ensemble."""
-    from heads.checkpoint import load_run
+    from heads.runs import load_run
     from heads.data import load_split
     from heads.infer import predict_split
 
@@ -79,7 +79,7 @@ def _independent_ensemble(case, split: str, windows: int = 5) -> tuple[list[str]
 
 
 def test_format_pair_prints_probabilities_summing_to_one():
-    from heads.submission import format_pair
+    from ahflows.submission import format_pair
 
     rng = random.Random(0)
     values = [0.0, 1.0, 0.5, 0.99995, 0.00005, 0.12345, 0.98765, 1 / 3, 2 / 3] + [rng.random() for _ in range(2000)]
@@ -90,7 +90,7 @@ def test_format_pair_prints_probabilities_summing_to_one():
 
 
 def test_ensemble_files_average_and_val_tuned_threshold(case, tmp_path):
-    from heads.ensemble import run_ensemble
+    from ahflows.ensemble import run_ensemble
     from heads.metrics import bah_metrics, sweep_threshold
 
     out = tmp_path / "ens"
@@ -142,7 +142,7 @@ def _private_tree(tmp_path: Path, ids: list[str], with_labels: bool = True) -> P
 
 
 def test_submission_follows_the_private_split_file_order(case, tmp_path):
-    from heads.ensemble import run_ensemble
+    from ahflows.ensemble import run_ensemble
 
     order = list(reversed(case["reader"].video_ids("private")))
     order = order[1:] + order[:1]                        # neither sorted nor reverse-sorted
@@ -154,8 +154,8 @@ def test_submission_follows_the_private_split_file_order(case, tmp_path):
 
 
 def test_private_video_missing_from_the_cache_is_refused_or_placeheld(case, tmp_path):
-    from heads.ensemble import run_ensemble
-    from heads.submission import SubmissionError
+    from ahflows.ensemble import run_ensemble
+    from ahflows.submission import SubmissionError
 
     ghost = "Videos/99999/Visite_1/99999_Question_1_2023-01-01_10-00-00_Video.mp4"
     order = case["reader"].video_ids("private")
@@ -178,7 +178,7 @@ def test_private_video_missing_from_the_cache_is_refused_or_placeheld(case, tmp_
 
 def test_failed_private_extraction_is_listed_from_the_cache_errors(case, tmp_path):
     """Without a BAH root, the cache's error records still name the private videos that failed."""
-    from heads.submission import SubmissionError, check_missing, private_order
+    from ahflows.submission import SubmissionError, check_missing, private_order
 
     class Reader:
         def video_ids(self, split=None):
@@ -206,7 +206,7 @@ def _with_fingerprint(src: Path, dst: Path, fp: str) -> Path:
 
 def test_runs_from_different_caches_are_refused(case, tmp_path):
     from ahcli.app import app
-    from heads.ensemble import EnsembleError, run_ensemble
+    from ahflows.ensemble import EnsembleError, run_ensemble
 
     other = _with_fingerprint(case["runs"][1], tmp_path / "B-other", "feedfacefeedface")
     with pytest.raises(EnsembleError, match="feedfacefeedface") as exc:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from heads.explain import block_names, explain_video, fusion_attribution, time_bins, words, Token
+from ahflows.explain import block_names, explain_video, fusion_attribution, time_bins, words, Token
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,8 +22,8 @@ def case(report_run_case):
 
 def _evaluate_probs(run_dir, cache, split):
     from extract.store import CacheReader
-    from heads.checkpoint import load_run
-    from heads.ensemble import data_needs
+    from heads.runs import load_run
+    from heads.infer import data_needs
     from heads.data import load_split
     from heads.infer import predict_split
 
@@ -68,7 +68,7 @@ def test_explain_matches_evaluate_and_weights_sum_to_one(case, which):
 
 def test_transcript_tokens_map_to_words(case):
     from extract.store import CacheReader
-    from heads.explain import transcript_of
+    from ahflows.explain import transcript_of
 
     reader = CacheReader(case.cache)
     vid = reader.video_ids("val")[0]
@@ -96,7 +96,8 @@ def test_without_data_root_tokens_are_positions(case):
 def test_attribution_is_exact_for_a_linear_head():
     """With the FFN and head replaced by one linear map, gradient x input per block sums to the logit and
     each block's value is w_block . f_block."""
-    from heads.model import ModelConfig, build_model
+    from heads.config import ModelConfig
+    from heads.model import build_model
 
     cfg = ModelConfig(input_dims={"video": 8, "audio": 8, "text": 8}, dim=4, head_hidden=4)
     model = build_model(cfg, seed=0)
@@ -114,7 +115,7 @@ def test_attribution_is_exact_for_a_linear_head():
 
 
 def test_leading_pair_follows_the_logit_direction():
-    from heads.explain import Block, leading_pair
+    from ahflows.explain import Block, leading_pair
 
     blocks = [Block("v", 3.0, False), Block("v-a", -0.5, True), Block("v-t", 0.2, True), Block("a-t", 0.1, True)]
     assert leading_pair(blocks, 1.0) == "v-t"           # flagged: the pair pushing towards A/H, not the larger |v-a|

@@ -34,7 +34,7 @@ def one_thread():
 def world(tmp_path_factory, one_thread):
     """A synthetic tree, tiny encoders with a float32 [last, prefix] spec, its cache, and the same cache
     without the prefix states (another spec: layers [last] only)."""
-    from extract.encoders import write_tiny_encoders
+    from extract.tiny_encoders import write_tiny_encoders
     from extract.run import ExtractOptions, extract
     from extract.synth import write_synthetic_bah
 
@@ -55,7 +55,8 @@ def world(tmp_path_factory, one_thread):
 
 def _without_prefix(src: Path, dst: Path) -> Path:
     from extract.spec import spec_from_dict
-    from extract.store import CacheReader, CacheWriter
+    from extract.cache_writer import CacheWriter
+    from extract.store import CacheReader
 
     reader = CacheReader(src)
     spec = dataclasses.replace(spec_from_dict(dict(reader.spec)), layers=("last",))
@@ -77,7 +78,8 @@ def _perturb(tops: torch.nn.ModuleDict, seed: int = 0) -> None:
 
 
 def _core(lower, modalities: str, seed: int = 0):
-    from heads.model import ModelConfig, build_model
+    from heads.config import ModelConfig
+    from heads.model import build_model
     from heads.topblocks import TopBlocksHeads
 
     heads = build_model(ModelConfig(input_dims=lower.dims, modalities=modalities, dim=16, head_hidden=16), seed=seed)
@@ -94,8 +96,8 @@ def test_cached_path_logits_equal_end_to_end_for_each_encoder(world):
     from extract.spec import load_spec
     from extract.store import CacheReader
     from heads.data import load_split
-    from heads.finetune import LowerEncoders, raw_window_logits
-    from heads.topblocks import cached_window_logits
+    from ahflows.raw_media import LowerEncoders, raw_window_logits
+    from heads.infer import window_logits
 
     spec = load_spec(world["spec"])
     reader = CacheReader(world["cache"])
@@ -110,7 +112,7 @@ def test_cached_path_logits_equal_end_to_end_for_each_encoder(world):
             assert int(data.audio["prefix"].parts.max()) > 0      # several audio segments: exactness matters
         if "t" in mods:
             assert int(data.text["prefix"].parts.max()) > 0
-        cached = cached_window_logits(core, data, windows=None)
+        cached = window_logits(core, data, windows=None, modalities=core.cfg.present, layer="prefix")
         starts = [data.starts[i, : int(data.n_windows[i])].tolist() for i in range(len(data))]
         raw = raw_window_logits(core, lower, [videos[v] for v in data.video_ids], starts, cached.valid)
         torch.testing.assert_close(cached.full, raw.full, atol=2e-5, rtol=1e-4)
@@ -125,7 +127,7 @@ def test_lower_blocks_plus_top_blocks_equal_the_whole_fine_tuned_encoder(world):
     from extract.bah import read_bah
     from extract.encoders import audio_forward, load_backbone, text_forward, video_forward
     from extract.spec import load_spec
-    from heads.finetune import LowerEncoders, decode
+    from ahflows.raw_media import LowerEncoders, decode
 
     spec = load_spec(world["spec"])
     lower = LowerEncoders(spec, ("video", "audio", "text"), N_TOP)
@@ -156,8 +158,9 @@ def test_lower_blocks_plus_top_blocks_equal_the_whole_fine_tuned_encoder(world):
 
 
 def test_end_to_end_training_changes_the_unfrozen_blocks_and_nothing_below(world):
-    from heads.finetune import prepare_finetune
-    from heads.train import TrainConfig, fit, param_groups
+    from ahflows.finetune import prepare_finetune
+    from heads.config import TrainConfig
+    from heads.train import fit, param_groups
 
     cfg = TrainConfig(epochs=1, patience=1, lr=1e-3, lr_min=1e-5, weight_decay=0.0, batch_size=2, accum=1,
                       unfreeze_top=N_TOP, device="cpu")
@@ -220,7 +223,8 @@ def runs(world, tmp_path_factory):
 
 def test_finetune_writes_a_run_folder_with_the_encoder_blocks(runs, world):
     from extract.store import CacheReader
-    from heads.checkpoint import load_run
+    from heads.runs import load_run
+    from ahflows.raw_media import load_run_with_media
     from heads.topblocks import TOPS_FILE, TopBlocksHeads
 
     a = runs["A"]
@@ -236,8 +240,9 @@ def test_finetune_writes_a_run_folder_with_the_encoder_blocks(runs, world):
 
 def test_cached_top_blocks_run_trains_its_blocks(runs, world):
     from extract.spec import load_spec
-    from heads.checkpoint import load_run
-    from heads.topblocks import initial_tops
+    from heads.runs import load_run
+    from ahflows.raw_media import load_run_with_media
+    from ahflows.checkpoint_a import initial_tops
 
     run = load_run(runs["C"])
     start, _ = initial_tops(load_spec(world["spec"]), ("video", "audio", "text"), N_TOP)
@@ -254,7 +259,8 @@ def test_train_heads_unfreeze_refuses_a_cache_without_prefix(world, tmp_path):
 
 def test_evaluate_both_kinds_and_the_raw_media_fallback(runs, world, tmp_path):
     from extract.store import CacheReader
-    from heads.checkpoint import load_run
+    from heads.runs import load_run
+    from ahflows.raw_media import load_run_with_media
     from heads.data import load_split
     from heads.infer import layers_needed, predict_split
 
@@ -278,7 +284,7 @@ def test_evaluate_both_kinds_and_the_raw_media_fallback(runs, world, tmp_path):
 
     cached_run = load_run(runs["A"], cache=CacheReader(world["cache"]))
     assert layers_needed(cached_run) == ("prefix",)
-    raw_run = load_run(a2, cache=bare, data_root=world["data"])
+    raw_run = load_run_with_media(a2, cache=bare, data_root=world["data"])
     assert layers_needed(raw_run) == ()
     assert layers_needed(load_run(runs["B"])) == ("last",)
     _, p_cached, y = predict_split(cached_run, load_split(CacheReader(world["cache"]), "test",
@@ -289,12 +295,13 @@ def test_evaluate_both_kinds_and_the_raw_media_fallback(runs, world, tmp_path):
 
 
 def test_ensemble_combines_a_finetuned_and_a_frozen_run(runs, world, tmp_path):
-    from heads.checkpoint import load_run
+    from heads.runs import load_run
+    from ahflows.raw_media import load_run_with_media
     from heads.data import load_split
     from heads.infer import layers_needed, predict_split
 
     try:
-        from heads.ensemble import run_ensemble
+        from ahflows.ensemble import run_ensemble
     except ImportError:  # the ensemble module is optional here: the same numbers through predict_split
         run_ensemble = None
     if run_ensemble is not None:

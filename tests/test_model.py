@@ -8,8 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from heads.data import SplitData, Tokens, parse_modalities
-from heads.model import AttentionPool, ConfigError, ConflictAwareModel, ModelConfig, blend, build_model
+from heads.data import SplitData
+from heads.tokens import Tokens
+from extract.vocab import parse_modalities
+from heads.model import AttentionPool, ConflictAwareModel, blend, build_model
+from heads.config import ConfigError, ModelConfig
 
 from heads_fixtures import tiny_model
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from heads.predict import PredictError, derive_video_id, predict_recording
+from ahflows.predict import PredictError, derive_video_id, predict_recording
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,9 +35,9 @@ def _files(case, vid: str) -> dict[str, Path]:
 
 def _cached_probs(case, run_dir: Path, split: str) -> dict[str, float]:
     from extract.store import CacheReader
-    from heads.checkpoint import load_run
+    from heads.runs import load_run
     from heads.data import load_split
-    from heads.ensemble import data_needs
+    from heads.infer import data_needs
     from heads.infer import predict_split
 
     reader = CacheReader(case.cache)

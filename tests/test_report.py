@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from heads.report import PNG_SIGNATURE, ReportError, is_png, linked_files, plot_ablation_bars, read_ablation, write_report
+from ahflows.ablation_table import Row, write_csv
+from ahflows.plots import plot_ablation_bars
+from ahflows.report import PNG_SIGNATURE, ReportError, is_png, linked_files, read_ablation, write_report
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,7 +55,7 @@ def test_run_report_writes_valid_pngs_and_scores(case, tmp_path):
     assert f"{metrics['threshold']:.2f}" in text
     # the test row of the table is what `evaluate` computes for this run
     from extract.store import CacheReader
-    from heads.checkpoint import load_run
+    from heads.runs import load_run
     from heads.data import load_split
     from heads.infer import evaluate_split
 
@@ -95,19 +97,15 @@ def test_ensemble_report_reads_predictions_and_members(case, tmp_path):
 
 def _ablation_csv(path: Path) -> None:
     """An ablation.csv in `ahcli ablate`'s format: per-seed rows and the aggregated 'mean' rows."""
-    cols = ["table", "config", "split", "seed", "n_seeds", "macro_f1", "macro_f1_std", "f1_ah", "f1_ah_std",
-            "f1_noah", "f1_noah_std"]
     rows = []
     for k, m in enumerate(["v", "a", "t", "vat"]):
         for split in ("val", "test"):
-            rows.append(["5", f"modality={m}", split, "0", "1", 0.5 + 0.1 * k, "", 0.5, "", 0.5, ""])
-            rows.append(["5", f"modality={m}", split, "mean", "2", 0.5 + 0.1 * k, 0.02 * (k + 1), 0.4 + 0.1 * k,
-                         0.01, 0.6, 0.03])
-    rows.append(["6", "windows=1", "test", "mean", "2", 0.7, 0.05, 0.7, 0.05, 0.7, 0.05])
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(cols)
-        w.writerows(rows)
+            rows.append(Row("5", f"modality={m}", split, 0, 0.5 + 0.1 * k, 0.5, 0.5))
+            rows.append(Row("5", f"modality={m}", split, "mean", 0.5 + 0.1 * k, 0.4 + 0.1 * k, 0.6, n_seeds=2,
+                            std={"macro_f1": 0.02 * (k + 1), "f1_ah": 0.01, "f1_noah": 0.03}))
+    rows.append(Row("6", "windows=1", "test", "mean", 0.7, 0.7, 0.7, n_seeds=2,
+                    std={"macro_f1": 0.05, "f1_ah": 0.05, "f1_noah": 0.05}))
+    write_csv(path, rows)
 
 
 def test_read_ablation_keeps_aggregated_test_rows(tmp_path):
@@ -132,7 +130,7 @@ def test_ablation_report_bar_charts(tmp_path):
 
 
 def test_ablation_report_from_run_ablation(case, tmp_path):
-    from heads.ablate import run_ablation
+    from ahflows.ablate import run_ablation
 
     out = tmp_path / "abl"
     run_ablation(case.cache, out, seeds=1, quick=True, windows=5, device="cpu",
@@ -145,7 +143,7 @@ def test_ablation_report_from_run_ablation(case, tmp_path):
 
 
 def test_bar_chart_is_a_png(tmp_path):
-    from heads.report import AblationRow
+    from ahflows.plots import AblationRow
 
     rows = [AblationRow("t", s, {"macro_f1": 0.6, "f1_ah": 0.5, "f1_noah": 0.7}, {"macro_f1": 0.05}) for s in "vat"]
     path = plot_ablation_bars(rows, tmp_path / "bars.png", "title")

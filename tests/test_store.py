@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 from extract.spec import ExtractionSpec, WindowSpec
-from extract.store import (
-    CacheError, CacheReader, CacheWriter, VideoRecord, _host, array_sha256, provenance, video_key,
-)
+from extract.cache_writer import CacheWriter
+from extract.files import host
+from extract.provenance import provenance
+from extract.record import VideoRecord, array_sha256, video_key
+from extract.store import CacheError, CacheReader
 from extract.store_backends import get_backend
 
 BACKENDS = ("zarr", "hdf5")
@@ -138,11 +140,11 @@ def test_leftover_tmp_unit_ignored_by_reader_and_cleaned_by_writer(tmp_path, bac
     be = get_backend(backend)
     rec = records()[1]
     # A writer killed mid-unit leaves a temporary unit (here: complete bytes, never renamed).
-    dead = cache / "videos" / f".tmp.{dead_pid()}.{_host()}.deadbeef.{video_key(rec.video_id)}{be.suffix}"
+    dead = cache / "videos" / f".tmp.{dead_pid()}.{host()}.deadbeef.{video_key(rec.video_id)}{be.suffix}"
     be.write_unit(dead, {"meta": rec.meta()}, {"video/last": rec.arrays["video/last"]}, False)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        alive = cache / "videos" / f".tmp.{sleeper.pid}.{_host()}.cafe0000.x{be.suffix}"
+        alive = cache / "videos" / f".tmp.{sleeper.pid}.{host()}.cafe0000.x{be.suffix}"
         alive.mkdir()
         r = CacheReader(cache)
         assert r.video_ids() == [IDS[0]] and r.verify() == []
@@ -254,7 +256,7 @@ _WRITER_SCRIPT = """
 import sys
 sys.path.insert(0, %r)
 from test_store import big_records, make_spec
-from extract.store import CacheWriter
+from extract.cache_writer import CacheWriter
 w = CacheWriter(sys.argv[1], make_spec(sys.argv[2]), provenance={})
 for i, rec in enumerate(big_records()):
     if not w.is_complete(rec.video_id):

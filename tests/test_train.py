@@ -12,12 +12,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from heads import checkpoint as ckpt
+from heads.run_files import RunError
+from heads.runs import load_run
 from heads.data import DataError, load_split
 from heads.infer import predict_split, window_logits
 from heads.metrics import sweep_threshold
-from heads.model import ConfigError
-from heads.train import TrainingStopped, joint_loss, pos_weight_of, steps_per_epoch, train_heads
+from heads.config import ConfigError
+from heads.train_state import TrainingStopped
+from heads.train import joint_loss, pos_weight_of, steps_per_epoch, train_heads
 
 from heads_fixtures import splits, state_equal, tiny_model, tiny_train, write_cache
 
@@ -107,7 +109,7 @@ def test_best_epoch_threshold_is_the_sweep_on_blended_val_probabilities(conflict
     r = train_heads(train, val, tiny_model(train), tiny_train(epochs=4, alpha=0.6), tmp_path / "run")
     best = max(r.history, key=lambda h: (h.val_macro_f1, -h.epoch))
     assert r.best_epoch == best.epoch and r.threshold == best.threshold
-    run = ckpt.load_run(tmp_path / "run")
+    run = load_run(tmp_path / "run")
     ids, probs, labels = predict_split(run, val, windows=None)
     t, f1 = sweep_threshold(probs, labels)
     assert 0.25 <= r.threshold <= 0.75
@@ -168,7 +170,7 @@ def test_run_folder_contents(conflict_data, tmp_path):
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [int(x["epoch"]) for x in rows] == [1, 2, 3]
     assert set(rows[0]) >= {"train_loss", "val_loss", "val_macro_f1", "val_f1_ah", "val_f1_noah", "threshold"}
-    run = ckpt.load_run(out)
+    run = load_run(out)
     assert state_equal(run.model.state_dict(), r.model.state_dict())
 
 
@@ -180,7 +182,7 @@ def test_resume_reaches_the_same_final_numbers(conflict_data, tmp_path):
     assert not part.completed and len(part.history) == 2
     files = {p.name for p in (tmp_path / "part").iterdir()}
     assert "state.safetensors" in files and "metrics.json" not in files
-    with pytest.raises(ckpt.RunError, match="--resume"):
+    with pytest.raises(RunError, match="--resume"):
         train_heads(train, val, mc, tc, tmp_path / "part")
     done = train_heads(train, val, mc, tc, tmp_path / "part", resume=True)
     assert [h.__dict__ for h in done.history] == [h.__dict__ for h in full.history]
@@ -192,7 +194,7 @@ def test_resume_reaches_the_same_final_numbers(conflict_data, tmp_path):
 
 
 def test_checkpoints_are_throttled_but_the_interrupted_epoch_is_written(conflict_data, tmp_path, monkeypatch):
-    import heads.train as train_module
+    import heads.resume as train_module
 
     train, val = conflict_data
     mc = tiny_model(train)
@@ -225,7 +227,7 @@ def test_callback_interruption_then_resume(conflict_data, tmp_path):
             raise TrainingStopped
 
     train_heads(train, val, mc, tc, tmp_path / "r", on_epoch=crash)
-    with pytest.raises(ckpt.RunError, match="different train options"):
+    with pytest.raises(RunError, match="different train options"):
         train_heads(train, val, mc, tiny_train(epochs=4, patience=4, lr=5e-4), tmp_path / "r", resume=True)
     done = train_heads(train, val, mc, tc, tmp_path / "r", resume=True)
     assert [h.val_loss for h in done.history] == [h.val_loss for h in full.history]
@@ -241,23 +243,23 @@ def test_loading_refuses_unknown_options_wrong_shapes_and_other_caches(conflict_
     class Reader:
         fingerprint = "fp2"
 
-    with pytest.raises(ckpt.RunError, match="fingerprint fp1.*fp2"):
-        ckpt.load_run(out, cache=Reader())
-    ckpt.load_run(out, expect_fingerprint="fp1")
+    with pytest.raises(RunError, match="fingerprint fp1.*fp2"):
+        load_run(out, cache=Reader())
+    load_run(out, expect_fingerprint="fp1")
 
     bad = json.loads(json.dumps(good))
     bad["train"]["warmup"] = 3
     cfg_path.write_text(json.dumps(bad))
-    with pytest.raises(ckpt.RunError, match="unknown option.*warmup"):
-        ckpt.load_run(out)
+    with pytest.raises(RunError, match="unknown option.*warmup"):
+        load_run(out)
     bad = json.loads(json.dumps(good))
     bad["model"]["dim"] = 24
     cfg_path.write_text(json.dumps(bad))
-    with pytest.raises(ckpt.RunError, match=r"shape .* but the config expects"):
-        ckpt.load_run(out)
+    with pytest.raises(RunError, match=r"shape .* but the config expects"):
+        load_run(out)
     cfg_path.write_text("{not json")
-    with pytest.raises(ckpt.RunError, match="not valid JSON"):
-        ckpt.load_run(out)
+    with pytest.raises(RunError, match="not valid JSON"):
+        load_run(out)
 
 
 def test_heads_package_never_unpickles():
@@ -299,6 +301,7 @@ def test_load_split_from_a_real_cache(cache_dir):
 
 
 def test_load_split_refuses_a_split_larger_than_the_available_memory_before_reading(cache_dir, monkeypatch):
+    import heads.data
     import heads.host_memory
     from extract.store import CacheReader
 
@@ -314,11 +317,11 @@ def test_load_split_refuses_a_split_larger_than_the_available_memory_before_read
     assert (heads.host_memory.available_bytes() or 1) > 0
     reads, record = [], CacheReader.record
     monkeypatch.setattr(CacheReader, "record", lambda self, *a, **k: reads.append(a) or record(self, *a, **k))
-    monkeypatch.setattr(heads.host_memory, "available_bytes", lambda: need - 1)
+    monkeypatch.setattr(heads.data, "available_bytes", lambda: need - 1)
     with pytest.raises(DataError, match=r"the train split needs 0\.0 GB of memory and 0\.0 GB is available"):
         load_split(reader, "train", device="cpu")
     assert reads == []                                      # refused before reading a single video
-    monkeypatch.setattr(heads.host_memory, "available_bytes", lambda: need)
+    monkeypatch.setattr(heads.data, "available_bytes", lambda: need)
     assert len(load_split(reader, "train", device="cpu")) == len(ids) == len(reads)
 
 

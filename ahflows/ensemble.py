@@ -6,7 +6,7 @@ test at it. The ensemble probability is rounded to 4 decimals, the precision of 
 the threshold is tuned and applied: predictions.csv, metrics.json and the submission then agree on every
 decision (a prediction is always `p1 >= threshold` of the number printed). Runs trained on different caches
 (fingerprints) are refused. When the cache holds the private split (or `data_root` names its split file),
-the challenge files are written too: see heads/submission.py for their order and missing videos.
+the challenge files are written too: see ahflows/submission.py for their order and missing videos.
 """
 from __future__ import annotations
 
@@ -18,13 +18,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ahflows.submission import (check_missing, DECIMALS, PLACEHOLDER_P1, private_order, private_split_file, quantise,
+                                write_submission)
 from extract.errors import AHError
-from heads.checkpoint import atomic_write_json, atomic_write_text
-from heads.submission import (DECIMALS, PLACEHOLDER_P1, check_missing, private_order, private_split_file, quantise,
-                              write_submission)
-
-SPLIT_ORDER = ("train", "val", "test", "private")
-
+from extract.files import atomic_write_json, atomic_write_text
+from extract.store import CacheReader
+from ahflows.raw_media import load_run_with_media
+from extract.vocab import SPLITS
+from heads.data import SplitData, load_split, resolve_device
+from heads.infer import data_needs, predict_split
+from heads.metrics import bah_metrics, sweep_threshold
+from heads.run_files import read_config
+from heads.runs import Run
 
 class EnsembleError(AHError):
     """Runs that cannot be combined, or a cache without val labels."""
@@ -33,25 +38,8 @@ class EnsembleError(AHError):
 # ---- runs ------------------------------------------------------------------------------------------
 
 
-def layers_needed(run, cache=None) -> tuple[str, ...]:
-    """Cached layers a run reads: the trainer's `layers_needed(run[, cache])` when it offers one (fine-tuned
-    runs read the 'prefix' states, or none when they run on the raw media), else the run's layer."""
-    import inspect
-
-    from heads import checkpoint, infer
-
-    for module in (infer, checkpoint):
-        fn = getattr(module, "layers_needed", None)
-        if callable(fn):
-            takes_cache = len(inspect.signature(fn).parameters) >= 2
-            return tuple(fn(run, cache) if takes_cache else fn(run))
-    return (getattr(run.train_config, "layer", "last") or "last",)
-
-
 def check_fingerprints(runs: Sequence[Path], cache_fingerprint: str) -> None:
     """Refuse runs made on different caches, or on another cache than this one (from config.json alone)."""
-    from heads.checkpoint import read_config
-
     fps = [((read_config(r).get("cache") or {}).get("fingerprint"), r) for r in runs]
     first_fp, first = fps[0]
     for fp, r in fps[1:]:
@@ -63,42 +51,19 @@ def check_fingerprints(runs: Sequence[Path], cache_fingerprint: str) -> None:
                             f"{cache_fingerprint}; ensemble them over the cache they were trained on")
 
 
-def load_runs(runs: Sequence[Path], reader, device, data_root: Path | None = None,
-              private_root: Path | None = None) -> list:
+def load_runs(runs: Sequence[Path], reader: CacheReader, device, data_root: Path | None = None,
+              private_root: Path | None = None) -> list[Run]:
     """Load each run folder after the fingerprint checks. `data_root`/`private_root` let a fine-tuned run
-    without cached prefix states run its encoders on the raw media (heads.checkpoint.load_run)."""
-    from heads.checkpoint import load_run
-
+    without cached prefix states run its encoders on the raw media (ahflows.raw_media)."""
     if not runs:
         raise EnsembleError("ensemble: give at least one run folder")
     check_fingerprints(runs, reader.fingerprint)
-    extra = {k: v for k, v in (("data_root", data_root), ("private_root", private_root)) if v is not None}
-    return [load_run(r, cache=reader, device=device, **extra) for r in runs]
+    return [load_run_with_media(r, cache=reader, device=device, data_root=data_root, private_root=private_root)
+            for r in runs]
 
 
-@dataclass
-class DataNeeds:
-    """What one load of a split must hold so every run can read it."""
-    modalities: tuple[str, ...]
-    layers: tuple[str, ...]
-    text_window: bool
-
-
-def data_needs(runs: Sequence, reader=None) -> DataNeeds:
-    from heads.data import MODALITIES
-
-    mods = {m for r in runs for m in r.model_config.present}
-    layers: list[str] = []
-    for r in runs:
-        layers += [x for x in layers_needed(r, reader) if x not in layers]
-    window = any(r.train_config.text_source == "window" and r.model_config.has_text for r in runs)
-    return DataNeeds(tuple(m for m in MODALITIES if m in mods), tuple(layers) or ("last",), window)
-
-
-def run_probs(runs: Sequence, data, windows: int) -> list[np.ndarray]:
+def run_probs(runs: Sequence[Run], data: SplitData, windows: int) -> list[np.ndarray]:
     """Per run: window-averaged blended probabilities (the run's alpha) of every video of `data`."""
-    from heads.infer import predict_split
-
     return [predict_split(r, data, windows=windows)[1] for r in runs]
 
 
@@ -118,16 +83,14 @@ class SplitScores:
         return ~np.isnan(self.labels)
 
 
-def cache_splits(reader) -> list[str]:
+def cache_splits(reader: CacheReader) -> list[str]:
     present = {reader.meta(v)["split"] for v in reader.video_ids()}
-    return [s for s in SPLIT_ORDER if s in present] + sorted(present - set(SPLIT_ORDER))
+    return [s for s in SPLITS if s in present] + sorted(present - set(SPLITS))
 
 
-def score_splits(reader, runs: Sequence, splits: Sequence[str], windows: int, device,
+def score_splits(reader: CacheReader, runs: Sequence[Run], splits: Sequence[str], windows: int, device,
                  on_split: Callable[[str], None] | None = None) -> dict[str, SplitScores]:
     """Every run's and the ensemble's probabilities per split; each split loaded once, then released."""
-    from heads.data import load_split
-
     needs = data_needs(runs, reader)
     out = {}
     for split in splits:
@@ -143,8 +106,6 @@ def score_splits(reader, runs: Sequence, splits: Sequence[str], windows: int, de
 
 
 def _metrics(s: SplitScores, probs: np.ndarray, threshold: float) -> dict | None:
-    from heads.metrics import bah_metrics
-
     keep = s.labelled
     if not keep.any():
         return None
@@ -152,8 +113,6 @@ def _metrics(s: SplitScores, probs: np.ndarray, threshold: float) -> dict | None
 
 
 def tune_threshold(val: SplitScores) -> float:
-    from heads.metrics import sweep_threshold
-
     keep = val.labelled
     if not keep.any():
         raise EnsembleError("the cache's val split holds no labelled videos: the threshold cannot be tuned")
@@ -186,8 +145,6 @@ def run_ensemble(
 ) -> dict:
     """Average the runs over `cache`, tune the threshold on val, write OUT/metrics.json, OUT/predictions.csv
     and (with a private split) the submission files. Returns the metrics.json content."""
-    from extract.store import CacheReader
-    from heads.data import resolve_device
 
     if windows < 1:
         raise EnsembleError(f"windows must be >= 1 (got {windows})")
@@ -232,7 +189,7 @@ def run_ensemble(
     return record
 
 
-def _run_record(run, i: int, scores: dict[str, SplitScores], windows: int) -> dict:
+def _run_record(run: Run, i: int, scores: dict[str, SplitScores], windows: int) -> dict:
     """One member: where it is, its alpha/threshold, and its own scores at its own threshold."""
     rec = {"path": str(run.path), "alpha": run.alpha if run.model_config.has_text else 0.0,
            "threshold": run.threshold, "windows": windows, "modalities": run.model_config.modalities,
@@ -244,5 +201,5 @@ def _run_record(run, i: int, scores: dict[str, SplitScores], windows: int) -> di
     return rec
 
 
-__all__ = ["EnsembleError", "run_ensemble", "layers_needed", "load_runs", "check_fingerprints", "score_splits",
+__all__ = ["EnsembleError", "run_ensemble", "load_runs", "check_fingerprints", "score_splits",
            "tune_threshold", "write_predictions", "SplitScores"]

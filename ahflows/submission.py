@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from extract.bah import PRIVATE_DIR, read_split_file
 from extract.errors import AHError
-from heads.checkpoint import atomic_write_json, atomic_write_text
+from extract.files import atomic_write_json, atomic_write_text
 
 DECIMALS = 4
 PLACEHOLDER_P1 = 0.5
@@ -63,8 +64,6 @@ class PrivateOrder:
 def private_split_file(data_root: Path | None, private_root: Path | None) -> Path | None:
     """The private split file: private_root/split/test.txt, else <data_root>/../test-set-30-participants-
     unlabeled/data/split/test.txt. None when neither root is given."""
-    from extract.bah import PRIVATE_DIR
-
     if private_root is not None:
         path = Path(private_root) / "split" / "test.txt"
     elif data_root is not None:
@@ -79,8 +78,6 @@ def private_split_file(data_root: Path | None, private_root: Path | None) -> Pat
 
 def private_order(reader, split_file: Path | None) -> PrivateOrder | None:
     """The submission's line order and which private videos the cache lacks. None: no private split at all."""
-    from extract.bah import read_split_file
-
     in_cache = reader.video_ids("private")
     failed = sorted({str(e.get("video_id")) for e in reader.errors() if e.get("split") == "private"})
     if split_file is not None:

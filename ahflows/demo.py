@@ -28,8 +28,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ahflows.ablate import run_ablation, unfreeze_supported
+from ahflows.ablation_table import METRICS, read_csv
+from ahflows.checkpoint_a import train_from_cache
+from ahflows.ensemble import run_ensemble
+from ahflows.report import write_report
 from extract.errors import AHError
-from heads.checkpoint import atomic_write_json
+from extract.files import atomic_write_json, read_json_object
+from extract.run import extract, ExtractOptions
+from extract.store import CacheReader
+from extract.synth import write_synthetic_bah
+from extract.tiny_encoders import write_tiny_encoders
+from extract.vocab import LAST, PREFIX
+from heads.config import ModelConfig, TrainConfig
+from heads.data import load_split
+from heads.run_files import cache_record
 
 SYNTHETIC_NOTE = ("**Synthetic demo.** The data come from `ahcli synth` (planted cross-modal signal) and the "
                   "encoders are tiny random-initialised models: these numbers show the pipeline at work, they "
@@ -151,10 +164,11 @@ class DemoResult:
 # ---- small helpers ---------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A marker file's content, or None when it is missing or unreadable (the stage then runs again)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json_object(path)
+    except (FileNotFoundError, AHError):
         return None
 
 
@@ -171,20 +185,6 @@ def check_options(paths: DemoPaths, opts: DemoOptions) -> None:
     if paths.out.exists() and any(p.name != MARKERS for p in paths.out.iterdir()):
         raise DemoError(f"{paths.out}: exists and is not a demo folder; choose an empty or new OUT folder")
     atomic_write_json(path, opts.identity())
-
-
-def unfreeze_available(spec: dict | None) -> tuple[bool, str]:
-    """Can checkpoint A train its top-2 blocks from the cache (trainer option + cached prefix states)?"""
-    import dataclasses
-
-    from heads.train import TrainConfig
-
-    if "unfreeze_top" not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        return False, "this version of train-heads has no --unfreeze-top"
-    layers = (spec or {}).get("layers") or []
-    if "prefix" not in layers or int((spec or {}).get("unfreeze_top") or 0) < 2:
-        return False, "the cache holds no 'prefix' states for the top 2 blocks"
-    return True, "top-2 encoder blocks trained from the cached prefix states (train-heads --unfreeze-top 2)"
 
 
 # ---- the stages ------------------------------------------------------------------------------------
@@ -230,8 +230,6 @@ class Demo:
 
     # -- 1. synthetic tree
     def synth(self) -> dict:
-        from extract.synth import write_synthetic_bah
-
         if self.paths.synth.exists():          # a half-written tree from a killed run: start it over
             shutil.rmtree(self.paths.synth)
         private = max(2, self.opts.videos // 10)
@@ -245,16 +243,12 @@ class Demo:
 
     # -- 2. tiny encoders
     def encoders(self) -> dict:
-        from extract.encoders import write_tiny_encoders
-
         with self.console.status("  writing tiny VideoMAE, HuBERT and RoBERTa"):
             spec = write_tiny_encoders(self.paths.encoders, seed=self.opts.seed)
         return {"summary": f"spec {spec}"}
 
     # -- 3. extraction
     def extract(self) -> dict:
-        from extract.run import ExtractOptions, extract
-
         opts = ExtractOptions(device=self.opts.device, workers=self.opts.workers, progress=True)
         summary = extract(self.paths.data, self.paths.cache, self.paths.spec, opts)
         if summary.failed:
@@ -265,13 +259,9 @@ class Demo:
 
     # -- 4/5. checkpoints
     def _reader(self):
-        from extract.store import CacheReader
-
         return CacheReader(self.paths.cache)
 
     def _split(self, name: str, layers: tuple[str, ...]):
-        from heads.data import load_split
-
         key = (name, layers)
         if key not in self._splits:
             with self.console.status(f"  loading the {name} split ({', '.join(layers)})"):
@@ -279,19 +269,14 @@ class Demo:
         return self._splits[key]
 
     def _train(self, name: str, label_smoothing: float, unfreeze_top: int = 0) -> dict:
-        from heads.checkpoint import cache_record
-        from heads.model import ModelConfig
-        from heads.train import TrainConfig, train_heads
-
         reader = self._reader()
         # A and B share one load: with the fast path available, both layers (B reads only 'last')
-        layers = ("last", "prefix") if unfreeze_available(reader.spec)[0] else ("last",)
+        layers = (LAST, PREFIX) if unfreeze_supported(reader.spec)[0] else (LAST,)
         train, val = self._split("train", layers), self._split("val", layers)
         base = self.opts.base()
-        mcfg = ModelConfig(input_dims=train.dims("last"), modalities="vat", dim=base.pop("dim"),
+        mcfg = ModelConfig(input_dims=train.dims(LAST), modalities="vat", dim=base.pop("dim"),
                            head_hidden=base.pop("head_hidden"))
-        extra = {"unfreeze_top": unfreeze_top} if unfreeze_top else {}
-        tcfg = TrainConfig(seed=self.opts.seed, label_smoothing=label_smoothing, **base, **extra)
+        tcfg = TrainConfig(seed=self.opts.seed, label_smoothing=label_smoothing, unfreeze_top=unfreeze_top, **base)
         with self._progress() as p:
             task = p.add_task(f"{name}: epoch 1/{tcfg.epochs}", total=None)
 
@@ -303,8 +288,8 @@ class Demo:
                                            f"val Macro F1 {rec.val_macro_f1:.3f} (best {prog.best_f1:.3f} "
                                            f"at epoch {prog.best_epoch})", completed=0)
 
-            res = train_heads(train, val, mcfg, tcfg, self.paths.run(name), resume=True, on_step=on_step,
-                              on_epoch=on_epoch, cache=cache_record(reader, self.paths.cache))
+            res = train_from_cache(train, val, mcfg, tcfg, self.paths.run(name), spec=reader.spec, resume=True,
+                                   on_step=on_step, on_epoch=on_epoch, cache=cache_record(reader))
         m = res.val_metrics
         return {"summary": f"best epoch {res.best_epoch} of {len(res.history)}, val Macro F1 {m['macro_f1']:.3f}, "
                            f"threshold {res.threshold:.2f}", "run": str(self.paths.run(name))}
@@ -313,7 +298,7 @@ class Demo:
         return self._train("B", label_smoothing=0.1)
 
     def checkpoint_a(self) -> dict:
-        ok, why = unfreeze_available(self._reader().spec)
+        ok, why = unfreeze_supported(self._reader().spec)
         if ok:
             self.a_note = "checkpoint A: top-2 encoder blocks unfrozen (from the cached prefix states), eps 0"
             info = self._train("A", label_smoothing=0.0, unfreeze_top=2)
@@ -325,8 +310,6 @@ class Demo:
 
     # -- 6. ensemble
     def ensemble(self) -> dict:
-        from heads.ensemble import run_ensemble
-
         with self._progress() as p:
             task = p.add_task("scoring A and B", total=4)
             rec = run_ensemble([self.paths.run("A"), self.paths.run("B")], self.paths.cache, self.paths.ensemble,
@@ -337,8 +320,6 @@ class Demo:
 
     # -- 7. ablation
     def ablation(self) -> dict:
-        from heads.ablate import run_ablation
-
         self._splits.clear()                   # run_ablation loads its own copies: free ours first
         with self._progress() as p:
             task = p.add_task("ablation", total=None)
@@ -359,8 +340,6 @@ class Demo:
 
     # -- 8. reports
     def report(self) -> dict:
-        from heads.report import write_report
-
         made = []
         with self.console.status("  drawing the plots"):
             for folder in (self.paths.ensemble, self.paths.ablation):
@@ -410,16 +389,8 @@ SINGLE = (("video", "v"), ("audio", "a"), ("text", "t"))
 
 def ablation_test_rows(path: Path) -> dict[str, dict[str, float]]:
     """Test-split means of the ablation's modality rows: {'v': {...}, 'a': ..., 't': ..., 'vat': ...}."""
-    import csv
-
-    out: dict[str, dict[str, float]] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        for r in csv.DictReader(fh):
-            if r.get("table") != "5" or r.get("split") != "test" or r.get("seed") != "mean":
-                continue
-            key = r.get("config", "").removeprefix("modality=")
-            out[key] = {k: float(r[k]) for k in ("macro_f1", "f1_ah", "f1_noah") if r.get(k)}
-    return out
+    return {r.config.removeprefix("modality="): {k: getattr(r, k) for k in METRICS} for r in read_csv(path)
+            if r.table == "5" and r.split == "test" and r.seed == "mean"}
 
 
 def result_rows(paths: DemoPaths, a_note: str) -> list[Row]:

@@ -24,7 +24,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ahflows.single import CachedVideo, load_video
+from extract.bah import parse_transcript, PRIVATE_DIR, read_split_file
+from extract.encoders import load_preprocessor, text_segments
 from extract.errors import AHError
+from extract.spec import spec_from_dict
+from extract.store import CacheReader
+from extract.windows import window_text
+from heads.model import blend, ConflictAwareModel
+from heads.runs import load_run
+from heads.topblocks import head_model_of
 
 AUDIO_TOKEN_S = 0.02          # HuBERT / wav2vec2: one token per 320 samples at 16 kHz
 BIN_WIDTHS = (0.1, 0.2, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -186,8 +195,6 @@ def time_bins(weights: Sequence[float], step_s: float = AUDIO_TOKEN_S) -> list[T
 
 def load_tokenizer(spec: dict[str, Any]):
     """The cache spec's text tokenizer (AutoTokenizer, local folder or hub cache); None when unavailable."""
-    from extract.encoders import load_preprocessor
-    from extract.spec import spec_from_dict
 
     try:
         return spec_from_dict(spec), load_preprocessor(spec_from_dict(spec), "text")
@@ -197,8 +204,6 @@ def load_tokenizer(spec: dict[str, Any]):
 
 def token_strings(spec_obj, tokenizer, text: str, expected: int) -> tuple[list[str], list[bool]] | None:
     """Each cached text position's token (segments as the extraction made them); None on a length mismatch."""
-    from extract.encoders import text_segments
-
     ids = [i for seg in text_segments(tokenizer, spec_obj, text) for i in seg]
     if len(ids) != expected:
         return None
@@ -210,8 +215,6 @@ def token_strings(spec_obj, tokenizer, text: str, expected: int) -> tuple[list[s
 
 def transcript_of(data_root: Path, video_id: str, split: str, duration: float) -> tuple[str, list]:
     """(full transcript as extracted: the split file's text, else the YAML's; chunks) of a video."""
-    from extract.bah import PRIVATE_DIR, parse_transcript, read_split_file
-
     root = Path(data_root)
     base = root / PRIVATE_DIR if split == "private" else root
     split_file = base / "split" / ("test.txt" if split == "private" else f"{split}.txt")
@@ -269,11 +272,6 @@ def _segment(weights: torch.Tensor, tokens, row: int) -> torch.Tensor:
 def explain_video(run_dir: Path, cache: Path, video_id: str, *, data_root: Path | None = None,
                   windows: int = 5, top_k: int = 10) -> Explanation:
     """Explain one cached video's score under one run (CPU; one forward over its windows)."""
-    from extract.store import CacheReader
-    from heads.checkpoint import load_run
-    from heads.model import ConflictAwareModel, blend
-    from heads.single import CachedVideo, load_video
-    from heads.topblocks import head_model_of
 
     reader = CacheReader(cache)
     run = load_run(run_dir, cache=reader, device="cpu")
@@ -286,7 +284,7 @@ def explain_video(run_dir: Path, cache: Path, video_id: str, *, data_root: Path 
     data = load_video(view, [run])
     meta = reader.meta(video_id)
     cfg, mcfg = run.train_config, run.model_config
-    layer = getattr(cfg, "input_layer", cfg.layer)
+    layer = cfg.input_layer
     w = data.max_windows if not windows else min(int(windows), data.max_windows)
     rows = torch.zeros(w, dtype=torch.long)
     batch = data.batch(rows, torch.arange(w), modalities=mcfg.present, layer=layer, text_source=cfg.text_source)
@@ -344,8 +342,6 @@ def explain_video(run_dir: Path, cache: Path, video_id: str, *, data_root: Path 
 
 def _explain_text(exp: Explanation, weights, tokens, source: str, spec: dict, data_root: Path | None, meta: dict,
                   starts: list[int], frames: int, fps: float, top_k: int) -> list[float]:
-    from extract.windows import window_text
-
     rows = [0] if source == "full" else list(range(exp.windows_used))
     texts: list[str | None] = [None] * len(rows)
     spec_obj = tokenizer = None

@@ -24,6 +24,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ahflows.raw_media import ragged_tokens, truncate_top
+from extract.encoders import conv_output_length
+from heads.config import ModelConfig, TrainConfig
+from heads.data import resolve_device
+from heads.infer import autocast
+from heads.model import build_model
+from heads.tokens import Tokens
+from heads.topblocks import TopBlocks, TopBlocksHeads
+from heads.train import joint_loss, make_optimizer, param_groups, steps_per_epoch
+
+
 TRAIN_VIDEOS, VAL_VIDEOS, EVAL_WINDOWS, PAPER_BATCH, ACCUM = 778, 124, 5, 4, 4
 AUDIO_SECONDS = 27.0
 TEXT_TOKENS = 512
@@ -47,11 +58,6 @@ class _Setup:
     """The two paths' modules and inputs on one device."""
 
     def __init__(self, device: torch.device, batch: int):
-        from extract.encoders import TopBlocks, conv_output_length
-        from heads.finetune import truncate_top
-        from heads.model import ModelConfig, build_model
-        from heads.topblocks import TopBlocksHeads
-        from heads.train import TrainConfig, make_optimizer, param_groups
 
         self.device, self.batch = device, batch
         models = _models()
@@ -69,8 +75,6 @@ class _Setup:
         self.audio_len = conv_output_length(models["audio"].config, self.audio_samples)
 
     def autocast(self):
-        from heads.infer import autocast
-
         return autocast(self.device, True)
 
     def sync(self) -> None:
@@ -81,8 +85,6 @@ class _Setup:
 
     def cached_tokens(self, clips: int, videos: int) -> dict:
         """Prefix states as the cache holds them (fp16): `clips` video rows, `videos` audio/text rows."""
-        from heads.data import Tokens
-
         def ragged(length: int):
             v = torch.randn(videos * length, 768, device=self.device, dtype=torch.float16)
             seg = torch.arange(videos, device=self.device).repeat_interleave(length)
@@ -100,8 +102,6 @@ class _Setup:
     def lower_tokens(self, clips: int, videos: int) -> dict:
         """Prefix states computed by the frozen lower blocks from raw inputs (per video for audio and text,
         as heads.finetune.LowerEncoders does)."""
-        from heads.finetune import ragged_tokens
-        from heads.data import Tokens
 
         with self.autocast():
             v = self.lower["video"](pixel_values=self.pixels.expand(clips, -1, -1, -1, -1)).last_hidden_state
@@ -114,8 +114,6 @@ class _Setup:
     # ---- steps -----------------------------------------------------------------------------------
 
     def train_step(self, tokens_fn: Callable[[int, int], dict]) -> None:
-        from heads.train import joint_loss
-
         self.core.train()
         tokens = tokens_fn(self.batch, self.batch)
         with self.autocast():
@@ -168,8 +166,6 @@ def _timed_train(setup: _Setup, tokens_fn, repeats: int, warmup: int) -> tuple[f
 def bench_top2_epoch(device: str = "auto", quick: bool = True) -> dict[str, Any]:
     """Seconds per epoch of the cached top-2 path and the end-to-end path, and their ratio (see the module
     doc). On the CPU a few steps are measured and the epoch extrapolated (`extrapolated` says so)."""
-    from heads.data import resolve_device
-    from heads.train import steps_per_epoch
 
     dev = resolve_device(device)
     cuda = dev.type == "cuda"

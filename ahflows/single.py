@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from extract.errors import AHError
+from extract.record import VideoRecord
+from extract.store import CacheReader
+from heads.data import SplitData, load_split
+from heads.infer import data_needs
+from heads.runs import Run
 
 
 class VideoNotFound(AHError):
@@ -20,13 +25,13 @@ class VideoNotFound(AHError):
 class CachedVideo:
     """A view of a CacheReader that holds only `video_id` (in its own split)."""
 
-    def __init__(self, reader, video_id: str):
+    def __init__(self, reader: CacheReader, video_id: str):
         self.reader = reader
         self.video_id = video_id
         if video_id not in set(reader.video_ids()):
             near = [v for v in reader.video_ids() if video_id.rsplit("/", 1)[-1] in v][:3]
             hint = f"; did you mean {', '.join(near)}?" if near else " (ids look like Videos/<pid>/Visite_1/<name>.mp4)"
-            raise VideoNotFound(f"{getattr(reader, 'path', 'cache')}: no complete video {video_id!r}{hint}")
+            raise VideoNotFound(f"{reader.path}: no complete video {video_id!r}{hint}")
         self.split = reader.meta(video_id)["split"]
 
     @property
@@ -35,19 +40,22 @@ class CachedVideo:
 
     @property
     def path(self) -> Path:
-        return Path(getattr(self.reader, "path", "cache"))
+        return Path(self.reader.path)
+
+    def array_nbytes(self, video_id: str, names: Sequence[str]) -> int:
+        return self.reader.array_nbytes(video_id, names)
 
     def video_ids(self, split: str | None = None) -> list[str]:
         return [self.video_id] if split in (None, self.split) else []
 
-    def record(self, video_id: str, keys: Sequence[str] | None = None):
+    def record(self, video_id: str, keys: Sequence[str] | None = None) -> VideoRecord:
         return self.reader.record(video_id, keys)
 
 
 class MemoryVideo:
-    """A reader over one `extract.store.VideoRecord` held in memory (a recording encoded on the fly)."""
+    """A reader over one `extract.record.VideoRecord` held in memory (a recording encoded on the fly)."""
 
-    def __init__(self, record, spec: dict[str, Any], where: str = "recording"):
+    def __init__(self, record: VideoRecord, spec: dict[str, Any], where: str = "recording"):
         self.rec = record
         self.spec = spec
         self.path = Path(where)
@@ -56,9 +64,10 @@ class MemoryVideo:
     def video_ids(self, split: str | None = None) -> list[str]:
         return [self.rec.video_id] if split in (None, self.split) else []
 
-    def record(self, video_id: str, keys: Sequence[str] | None = None):
-        from extract.store import VideoRecord
+    def array_nbytes(self, video_id: str, names: Sequence[str]) -> int:
+        return sum(int(self.rec.arrays[k].nbytes) for k in names if k in self.rec.arrays)
 
+    def record(self, video_id: str, keys: Sequence[str] | None = None) -> VideoRecord:
         names = list(self.rec.arrays) if keys is None else list(keys)
         missing = [k for k in names if k not in self.rec.arrays]
         if missing:
@@ -66,10 +75,8 @@ class MemoryVideo:
         return VideoRecord(**self.rec.meta(), arrays={k: self.rec.arrays[k] for k in names})
 
 
-def load_video(view, runs: Sequence) -> Any:
+def load_video(view: CachedVideo | MemoryVideo, runs: Sequence[Run]) -> SplitData:
     """The one-row SplitData of `view` holding every modality, layer and text source the runs read."""
-    from heads.data import load_split
-    from heads.ensemble import data_needs
 
     needs = data_needs(runs)
     return load_split(view, view.split, layers=needs.layers, device="cpu", modalities=needs.modalities,

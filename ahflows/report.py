@@ -23,26 +23,26 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ahflows.ablation_table import read_csv
+from ahflows.ensemble import cache_splits, score_splits
+from ahflows.plots import (METRIC_LABELS, AblationRow, SplitPredictions, plot_ablation_bars, plot_confusion,
+                           plot_pr_curves, plot_threshold_curve, plot_training_curves)
 from extract.errors import AHError
+from extract.files import read_json_object
+from extract.vocab import canonical_letters, is_letters
+from extract.store import CacheReader
+from heads.data import resolve_device
+from heads.metrics import average_precision, bah_metrics, macro_f1_at, thresholds
+from heads.run_files import read_history
+from heads.runs import load_run
 
 REPORT_FILE = "report.md"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-DPI = 100
-CLASS_NAMES = ("No A/H", "A/H")
-METRIC_LABELS = {"macro_f1": "Macro F1", "f1_ah": "F1-AH", "f1_noah": "F1-NoAH"}
 MODALITY_ORDER = ("v", "a", "t", "va", "vt", "at", "vat")
 
 
 class ReportError(AHError):
     """A folder that is neither a run, an ensemble nor an ablation, or a run whose cache cannot be found."""
-
-
-@dataclass
-class SplitPredictions:
-    """Probabilities and labels of the labelled videos of one split."""
-    split: str
-    probs: np.ndarray
-    labels: np.ndarray
 
 
 @dataclass
@@ -72,11 +72,8 @@ def folder_kind(folder: Path) -> str:
                       "metrics.json) or an ablation folder (ablation.csv)")
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{path}: not readable JSON ({exc})") from exc
+def _read_json(path: Path) -> dict[str, Any]:
+    return read_json_object(path, ReportError)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -85,129 +82,6 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
             return list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ReportError(f"{path}: not a readable CSV file ({exc})") from exc
-
-
-# ---- figures ---------------------------------------------------------------------------------------
-
-
-def _figure(width: float = 6.0, height: float = 4.0):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-
-
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
-
-
-def plot_training_curves(history: Sequence[dict[str, float]], best_epoch: int, path: Path, title: str = "") -> Path:
-    """Train/val loss and val Macro F1 per epoch; the chosen (best) epoch marked on both panels."""
-    epochs = [int(h["epoch"]) for h in history]
-    fig = _figure(7.0, 3.4)
-    ax_loss, ax_f1 = fig.subplots(1, 2)
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-    if all("val_loss" in h for h in history):
-        ax_loss.plot(epochs, [h["val_loss"] for h in history], label="val loss")
-    ax_f1.plot(epochs, [h["val_macro_f1"] for h in history], color="tab:green", label="val Macro F1")
-    for ax in (ax_loss, ax_f1):
-        ax.axvline(best_epoch, color="tab:red", linestyle="--", linewidth=1, label=f"chosen epoch {best_epoch}")
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    best = [h["val_macro_f1"] for h in history if int(h["epoch"]) == best_epoch]
-    if best:
-        ax_f1.plot([best_epoch], best, "o", color="tab:red")
-    ax_loss.set_ylabel("loss")
-    ax_f1.set_ylabel("Macro F1")
-    ax_f1.set_ylim(0, 1)
-    fig.suptitle(title or "training curves", fontsize=10)
-    return _save(fig, path)
-
-
-def plot_threshold_curve(val: SplitPredictions, threshold: float, path: Path,
-                         sweep: tuple[float, float] = (0.25, 0.75)) -> Path:
-    """Macro F1 on val against the decision threshold; the swept range shaded, the chosen threshold marked."""
-    from heads.metrics import macro_f1_at, thresholds
-
-    ths = thresholds(0.01, 0.99, 0.01)
-    f1 = macro_f1_at(val.probs, val.labels, ths)
-    at = float(macro_f1_at(val.probs, val.labels, np.array([threshold]))[0])
-    fig = _figure()
-    ax = fig.subplots()
-    ax.axvspan(*sweep, color="tab:blue", alpha=0.08, label=f"swept range [{sweep[0]:.2f}, {sweep[1]:.2f}]")
-    ax.plot(ths, f1, label="val Macro F1")
-    ax.axvline(threshold, color="tab:red", linestyle="--", linewidth=1)
-    ax.plot([threshold], [at], "o", color="tab:red", label=f"chosen threshold {threshold:.2f} (F1 {at:.3f})")
-    ax.set_xlabel("threshold (A/H when p >= threshold)")
-    ax.set_ylabel("Macro F1")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"Macro F1 against the threshold on val ({len(val.labels)} videos)", fontsize=10)
-    return _save(fig, path)
-
-
-def plot_confusion(pred: SplitPredictions, threshold: float, path: Path) -> Path:
-    """Confusion matrix (counts; rows truth, columns prediction) at the threshold."""
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    fig = _figure(4.2, 3.6)
-    ax = fig.subplots()
-    y_pred = (pred.probs >= threshold).astype(int)
-    ConfusionMatrixDisplay.from_predictions(pred.labels.astype(int), y_pred, labels=[0, 1],
-                                            display_labels=list(CLASS_NAMES), ax=ax, colorbar=False,
-                                            cmap="Blues")
-    ax.set_title(f"{pred.split}: {len(pred.labels)} videos, threshold {threshold:.2f}", fontsize=10)
-    return _save(fig, path)
-
-
-def plot_pr_curves(preds: Sequence[SplitPredictions], path: Path) -> Path:
-    """Precision-recall curve of the A/H class per split; AP by the organisers' definition in the legend."""
-    from sklearn.metrics import precision_recall_curve
-
-    from heads.metrics import average_precision
-
-    fig = _figure()
-    ax = fig.subplots()
-    for p in preds:
-        if p.labels.sum() == 0:
-            continue
-        precision, recall, _ = precision_recall_curve(p.labels.astype(int), p.probs)
-        ap = average_precision(p.probs, p.labels)
-        ax.step(recall, precision, where="post", label=f"{p.split} (AP {ap:.3f})")
-    ax.axhline(float(np.mean(np.concatenate([p.labels for p in preds]))), color="grey", linestyle=":",
-               linewidth=1, label="share of A/H (chance)")
-    ax.set_xlabel("recall (A/H)")
-    ax.set_ylabel("precision (A/H)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("precision-recall, A/H class", fontsize=10)
-    return _save(fig, path)
-
-
-def plot_ablation_bars(rows: Sequence["AblationRow"], path: Path, title: str) -> Path:
-    """Grouped bars per setting (Macro F1, F1-AH, F1-NoAH), std over seeds as error bars."""
-    metrics = [m for m in METRIC_LABELS if any(m in r.mean for r in rows)]
-    fig = _figure(max(5.0, 0.9 * len(rows) + 2.0), 3.8)
-    ax = fig.subplots()
-    x = np.arange(len(rows))
-    width = 0.8 / max(len(metrics), 1)
-    for k, m in enumerate(metrics):
-        means = [r.mean.get(m, np.nan) for r in rows]
-        stds = [r.std.get(m, 0.0) for r in rows]
-        ax.bar(x + (k - (len(metrics) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
-               label=METRIC_LABELS[m])
-    ax.set_xticks(x, [r.setting for r in rows], rotation=30 if len(rows) > 8 else 0, fontsize=8)
-    ax.set_ylim(0, 1.15)                      # headroom for the legend above the bars
-    ax.set_yticks(np.linspace(0, 1, 6))
-    ax.set_ylabel("score (mean ± std over seeds)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncols=len(metrics), loc="upper center")
-    ax.set_title(title, fontsize=10)
-    return _save(fig, path)
 
 
 # ---- reading predictions ---------------------------------------------------------------------------
@@ -232,10 +106,6 @@ def predictions_from_csv(path: Path) -> dict[str, SplitPredictions]:
 def predictions_from_run(run_dir: Path, cache: Path, windows: int = 5, device: str = "auto",
                          splits: Sequence[str] = ("val", "test")) -> tuple[dict[str, SplitPredictions], Any]:
     """Score a run over its cache (the same inference as `ahcli evaluate`): per split, and the loaded run."""
-    from extract.store import CacheReader
-    from heads.checkpoint import load_run
-    from heads.data import resolve_device
-    from heads.ensemble import cache_splits, score_splits
 
     reader = CacheReader(cache)
     run = load_run(run_dir, cache=reader, device=resolve_device(device))
@@ -253,8 +123,7 @@ def run_cache_path(run_dir: Path, cache: Path | None) -> Path | None:
     """The cache to score a run on: the one given, else the one recorded in its config.json (if it exists)."""
     if cache is not None:
         return Path(cache)
-    cfg = _read_json(Path(run_dir) / "config.json")
-    recorded = ((cfg.get("cache") or {}) if isinstance(cfg, dict) else {}).get("path")
+    recorded = (_read_json(Path(run_dir) / "config.json").get("cache") or {}).get("path")
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
     return None
@@ -263,97 +132,26 @@ def run_cache_path(run_dir: Path, cache: Path | None) -> Path | None:
 # ---- ablation.csv ----------------------------------------------------------------------------------
 
 
-@dataclass
-class AblationRow:
-    table: str
-    setting: str
-    mean: dict[str, float]
-    std: dict[str, float]
-    seeds: int | None = None
-
-
-_SETTING_KEYS = ("setting", "modalities", "config", "variant", "name", "cell", "row", "value")
-_TABLE_KEYS = ("table", "group", "ablation", "factor", "study")
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        f = float(value) if value not in (None, "") else None
-    except ValueError:
-        return None
-    return None if f is None or math.isnan(f) else f
-
-
-def _metric_columns(header: Sequence[str], metric: str) -> tuple[str | None, str | None]:
-    """(mean column, std column) of a metric in an ablation header, e.g. macro_f1_mean / macro_f1_std."""
-    mean = std = None
-    for col in header:
-        norm = re.sub(r"[^a-z0-9]+", "_", col.lower()).strip("_")
-        if not norm.startswith(metric):
-            continue
-        rest = norm[len(metric):].strip("_")
-        if rest in ("", "mean", "avg"):
-            mean = mean or col
-        elif rest in ("std", "sd", "stdev"):
-            std = std or col
-    return mean, std
-
-
 TABLE_TITLES = {"4": "Table 4: components", "5": "Table 5: modality subsets", "6": "Table 6: inference settings"}
 
 
-def _keep_rows(rows: list[dict[str, str]], lower: dict[str, str]) -> tuple[list[dict[str, str]], str | None]:
-    """The aggregated rows of one split: test when present (else val); 'mean' rows when seeds are listed too."""
-    split_col, seed_col = lower.get("split"), lower.get("seed")
-    split = None
-    if split_col:
-        have = {r.get(split_col) for r in rows}
-        split = "test" if "test" in have else ("val" if "val" in have else None)
-        if split:
-            rows = [r for r in rows if r.get(split_col) == split]
-    if seed_col and any(r.get(seed_col) == "mean" for r in rows):
-        rows = [r for r in rows if r.get(seed_col) == "mean"]
-    return rows, split
-
-
 def read_ablation(path: Path) -> list[AblationRow]:
-    """ablation.csv -> rows (table, setting, mean/std per metric) of the test split (else val), aggregated
-    over seeds when the file lists the seeds too; column names are matched loosely."""
-    rows = _read_csv(path)
+    """ablation.csv -> the aggregated rows (table, setting, mean/std per metric) of the test split (else val)."""
+    try:
+        rows = [r for r in read_csv(path) if r.seed == "mean"]
+    except AHError as exc:
+        raise ReportError(str(exc)) from exc
     if not rows:
-        raise ReportError(f"{path}: no rows")
-    header = list(rows[0].keys())
-    lower = {c.lower(): c for c in header}
-    table_col = next((lower[k] for k in _TABLE_KEYS if k in lower), None)
-    setting_col = next((lower[k] for k in _SETTING_KEYS if k in lower and lower[k] != table_col), None)
-    cols = {m: _metric_columns(header, m) for m in METRIC_LABELS}
-    if setting_col is None or cols["macro_f1"][0] is None:
-        raise ReportError(f"{path}: expected a setting column ({'/'.join(_SETTING_KEYS)}) and a Macro F1 column "
-                          f"(macro_f1 or macro_f1_mean); found {', '.join(header)}")
-    rows, split = _keep_rows(rows, lower)
-    seeds_col = lower.get("n_seeds") or lower.get("seeds")
-    out = []
-    for r in rows:
-        mean = {m: v for m, (c, _) in cols.items() if c and (v := _float(r.get(c))) is not None}
-        std = {m: v for m, (_, c) in cols.items() if c and (v := _float(r.get(c))) is not None}
-        seeds = _float(r.get(seeds_col)) if seeds_col else None
-        table = str(r.get(table_col, "")) if table_col else ""
-        table = TABLE_TITLES.get(table, table)
-        if split:
-            table = f"{table} ({split} split)" if table else f"{split} split"
-        setting = str(r.get(setting_col, "")).removeprefix("modality=")
-        out.append(AblationRow(table, setting, mean, std, int(seeds) if seeds is not None else None))
-    return out
+        raise ReportError(f"{path}: no aggregated rows")
+    split = "test" if any(r.split == "test" for r in rows) else "val"
+    return [AblationRow(f"{TABLE_TITLES.get(r.table, r.table)} ({split} split)", r.config.removeprefix("modality="),
+                        {m: getattr(r, m) for m in METRIC_LABELS}, dict(r.std), r.n_seeds)
+            for r in rows if r.split == split]
 
 
-def _is_modality_setting(setting: str) -> bool:
+def _modality_key(setting: str) -> str | None:
     s = setting.strip().lower().replace("+", "").replace("-", "").replace(" ", "")
-    return bool(s) and set(s) <= set("vat") and len(set(s)) == len(s)
-
-
-def _modality_key(setting: str) -> str:
-    s = setting.strip().lower().replace("+", "").replace("-", "").replace(" ", "")
-    return "".join(c for c in "vat" if c in s)
+    return canonical_letters(s) if is_letters(s) else None
 
 
 def ablation_groups(rows: Sequence[AblationRow]) -> list[tuple[str, list[AblationRow]]]:
@@ -363,7 +161,7 @@ def ablation_groups(rows: Sequence[AblationRow]) -> list[tuple[str, list[Ablatio
         groups.setdefault(r.table, []).append(r)
     ordered = []
     for table, members in groups.items():
-        if all(_is_modality_setting(m.setting) for m in members):
+        if all(_modality_key(m.setting) for m in members):
             rank = {k: i for i, k in enumerate(MODALITY_ORDER)}
             members = sorted(members, key=lambda m: rank.get(_modality_key(m.setting), 99))
             ordered.insert(0, (table, members))
@@ -421,7 +219,6 @@ def _run_curves(run_dir: Path, out: Path, name: str) -> Path | None:
     hist_path, metrics_path = run_dir / "history.csv", run_dir / "metrics.json"
     if not hist_path.is_file() or not metrics_path.is_file():
         return None
-    from heads.checkpoint import read_history
 
     history = read_history(hist_path)
     if not history:
@@ -468,8 +265,6 @@ def report_run(folder: Path, cache: Path | None = None, windows: int = 5, device
 
 
 def _split_metrics(p: SplitPredictions, threshold: float) -> dict:
-    from heads.metrics import bah_metrics
-
     return bah_metrics(p.labels, probs=p.probs, threshold=threshold)
 
 

@@ -20,7 +20,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ahflows.single import load_video, MemoryVideo
+from extract.bah import BahError, parse_transcript, TranscriptChunk, Video
+from extract.encoders import load_encoders
 from extract.errors import AHError
+from extract.decode import decode_windows
+from extract.media import probe
+from extract.run import DecodedVideo, encode_video_record
+from extract.spec import load_spec
+from extract.windows import window_starts
+from heads.infer import predict_split
+from heads.runs import load_run
 
 _FRAME_RE = re.compile(r"^frame-(\d+)\.jpg$", re.IGNORECASE)
 _QUESTION_RE = re.compile(r"_Question_(\d+)_")
@@ -34,7 +44,7 @@ class PredictError(AHError):
 class Recording:
     video_id: str
     mp4: Path
-    frame_paths: list[Path] | None        # face crops, numerically sorted; None: full mp4 frames
+    face_frames: list[Path] | None        # face crops, numerically sorted; None: full mp4 frames
     frame_count: int
     fps: float
     duration: float
@@ -95,8 +105,6 @@ def face_frames(face_dir: Path) -> list[Path]:
 def open_recording(mp4: Path, faces: Path | None = None, transcript: Path | None = None, text: str | None = None,
                    video_id: str | None = None) -> Recording:
     """Probe the mp4, list the face crops, read the transcript (YAML or plain text)."""
-    from extract.bah import BahError, TranscriptChunk, parse_transcript
-    from extract.media import probe
 
     mp4 = Path(mp4)
     if not mp4.is_file():
@@ -139,32 +147,18 @@ def open_recording(mp4: Path, faces: Path | None = None, transcript: Path | None
 
 def decode_recording(rec: Recording, spec, windows: int):
     """The recording decoded like a cached video: `extract.run.DecodedVideo` with `windows` windows."""
-    from extract.bah import Video
-    from extract.media import read_audio, read_faces, read_frames
-    from extract.run import DecodedVideo
-    from extract.windows import clip_indices, window_starts, window_text
 
-    length = spec.windows.frames
-    starts = window_starts(rec.video_id, rec.frame_count, windows, length, spec.seed)
-    needed = sorted({i for s in starts for i in clip_indices(s, length, rec.frame_count)})
-    if rec.frame_paths is not None:
-        frames = read_faces([rec.frame_paths[i] for i in needed], spec.video.size)
-    else:
-        frames = read_frames(rec.mp4, needed, spec.video.size)
-    pos = {f: k for k, f in enumerate(needed)}
-    clips = np.stack([frames[[pos[i] for i in clip_indices(s, length, rec.frame_count)]] for s in starts])
-    wave = read_audio(rec.mp4, spec.audio.sample_rate)
-    texts = [window_text(rec.chunks, s / rec.fps, (s + length) / rec.fps) for s in starts] \
-        if spec.text.window_aligned else []
+    starts = window_starts(rec.video_id, rec.frame_count, windows, spec.windows.frames, spec.seed)
+    got = decode_windows(rec, starts, spec, texts=spec.text.window_aligned)
     parts = rec.video_id.split("/")
     q = _QUESTION_RE.search(rec.video_id)
     video = Video(video_id=rec.video_id, pid=parts[1] if len(parts) > 2 else "unknown",
                   question=int(q.group(1)) if q else 0, split="test", label=None, mp4=rec.mp4,
-                  face_dir=rec.frame_paths[0].parent if rec.frame_paths else rec.mp4.parent,
-                  face_frames=rec.frame_paths or [], transcript=rec.transcript, transcript_yaml=rec.mp4,
+                  face_dir=rec.face_frames[0].parent if rec.face_frames else rec.mp4.parent,
+                  face_frames=rec.face_frames or [], transcript=rec.transcript, transcript_yaml=rec.mp4,
                   chunks=list(rec.chunks), fps=rec.fps, frame_count=rec.frame_count, duration=rec.duration,
                   has_audio=True)
-    return DecodedVideo(video, starts, clips, wave, texts, rec.frame_count < length)
+    return DecodedVideo(video, starts, got.clips, got.wave, got.texts, rec.frame_count < spec.windows.frames)
 
 
 # ---- runs ------------------------------------------------------------------------------------------
@@ -211,12 +205,6 @@ def predict_recording(runs: Sequence[Path], mp4: Path, spec_path: Path, *, faces
 
     The threshold is `threshold`, else an ensemble folder's, else the single run's, else the mean of the
     runs' thresholds (said in the notes). `encoders` may be passed to reuse loaded ones."""
-    from extract.encoders import load_encoders
-    from extract.run import encode_video_record
-    from extract.spec import load_spec
-    from heads.checkpoint import load_run
-    from heads.infer import predict_split
-    from heads.single import MemoryVideo, load_video
 
     if windows < 1:
         raise PredictError(f"--windows {windows}: must be >= 1")
@@ -245,7 +233,7 @@ def predict_recording(runs: Sequence[Path], mp4: Path, spec_path: Path, *, faces
             notes.append("threshold: the mean of the runs' thresholds (an ensemble folder or --threshold "
                          "gives a threshold tuned on val for the average)")
     return Prediction(rec.video_id, p, float(threshold), int(p >= threshold), scores, list(decoded.starts),
-                      "faces" if rec.frame_paths is not None else "full frames", fingerprint, notes)
+                      "faces" if rec.face_frames is not None else "full frames", fingerprint, notes)
 
 
 __all__ = ["Prediction", "RunScore", "Recording", "PredictError", "predict_recording", "open_recording",

@@ -37,20 +37,28 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ahflows.ablation_table import B_SMOOTHING, Row, aggregate, markdown, write_csv
+from ahflows.checkpoint_a import train_from_cache
+from ahflows.submission import quantise
 from extract.errors import AHError
-from heads.checkpoint import atomic_write_text
+from extract.files import atomic_write_text
+from extract.store import CacheReader
+from extract.vocab import LAST, PREFIX, parse_modalities
+from heads.config import ModelConfig, TrainConfig
+from heads.data import load_split
+from heads.infer import predict_split
+from heads.metrics import bah_metrics, sweep_threshold
+from heads.run_files import cache_record
+from heads.runs import Run
+from heads.topblocks import cache_prefix_problem
 
 SUBSETS = ("v", "a", "t", "va", "vt", "at", "vat")
 QUICK_SUBSETS = ("v", "a", "t", "vat")
 ALPHAS = (0.0, 0.5, 0.6, 1.0)
 WINDOWS = (1, 3, 5)
 ENSEMBLE_WINDOWS = 5
-B_SMOOTHING = 0.1
 CONTROLLED = ("seed", "modalities", "conflict", "text_source", "label_smoothing", "unfreeze_top")
 MODEL_KEYS = ("dim", "head_hidden", "head_dropout", "ffn_dropout", "ffn_mult", "pooling")
-METRICS = ("macro_f1", "f1_ah", "f1_noah")
-CSV_COLUMNS = ("table", "config", "split", "seed", "n_seeds", "macro_f1", "macro_f1_std", "f1_ah", "f1_ah_std",
-               "f1_noah", "f1_noah_std", "ap", "accuracy", "threshold", "alpha", "windows", "best_epoch", "seconds")
 LOG_FILE = "trainings.jsonl"
 
 
@@ -80,15 +88,7 @@ class Plan:
 
 
 def unfreeze_supported(spec: dict | None, n: int = 2) -> tuple[bool, str]:
-    """True when the trainer has `unfreeze_top` and the cache holds the prefix states the top n blocks read."""
-    from heads.train import TrainConfig
-
-    if "unfreeze_top" not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        return False, "train_heads has no unfreeze_top option"
-    try:
-        from heads.topblocks import cache_prefix_problem
-    except ImportError:
-        return False, "no cached top-block training in this version"
+    """True when the cache holds the prefix states the top n blocks read (else why not)."""
     problem = cache_prefix_problem(spec, n)
     if problem is not None:
         return False, problem
@@ -115,8 +115,6 @@ def make_plan(spec: dict | None, quick: bool, a_unfrozen: bool, a_reason: str) -
 
 def split_overrides(base: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model overrides, train overrides); the options the ablation varies itself are refused."""
-    from heads.train import TrainConfig
-
     bad = sorted(k for k in base if k in CONTROLLED)
     if bad:
         raise AblationError(f"ablate varies {', '.join(bad)} itself; leave them out of the base options")
@@ -134,31 +132,9 @@ def split_overrides(base: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 # ---- scoring -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    table: str
-    config: str
-    split: str
-    seed: int | str
-    macro_f1: float
-    f1_ah: float
-    f1_noah: float
-    ap: float | None = None
-    accuracy: float | None = None
-    threshold: float | None = None
-    alpha: float | None = None
-    windows: int | None = None
-    best_epoch: int | None = None
-    seconds: float | None = None
-    n_seeds: int = 1
-    std: dict[str, float] = field(default_factory=dict)
-
-
 def score(table: str, config: str, seed: int, val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray] | None,
           **extra) -> list[Row]:
     """Threshold swept on val at this setting; a row for val and one for test at that threshold."""
-    from heads.metrics import bah_metrics, sweep_threshold
-
     t, _ = sweep_threshold(val[0], val[1], 0.25, 0.75, 0.01)
     rows = []
     for split, pair in (("val", val), ("test", test)):
@@ -177,8 +153,6 @@ def _labelled(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def as_run(result, name: str, cache: dict[str, Any]):
     """A heads.checkpoint.Run around a freshly trained model (no folder written: nothing to re-read)."""
-    from heads.checkpoint import Run
-
     alpha = result.train_config.alpha if result.model_config.has_text else 0.0
     return Run(Path(name), result.model, result.model_config, result.train_config, float(result.threshold),
                float(alpha), result.metrics_record(), cache)
@@ -187,8 +161,6 @@ def as_run(result, name: str, cache: dict[str, Any]):
 def evaluate_training(run, t: Training, seed: int, evals: dict[str, Any], windows: int, cap: int,
                       full_model: bool) -> tuple[list[Row], dict[str, list[float]]]:
     """All rows one trained model gives, and its 5-window probabilities for the ensemble."""
-    from heads.infer import predict_split
-
     cache: dict[tuple[int, float | None], dict[str, tuple[np.ndarray, np.ndarray]]] = {}
 
     def probs(w: int, alpha: float | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -226,8 +198,6 @@ def evaluate_training(run, t: Training, seed: int, evals: dict[str, Any], window
 
 def ensemble_rows(seed: int, a: dict[str, list[float]], b: dict[str, list[float]], labels: dict[str, np.ndarray],
                   cap: int) -> list[Row]:
-    from heads.submission import quantise
-
     pairs = {s: (quantise((np.asarray(a[s]) + np.asarray(b[s])) / 2), labels[s]) for s in a}
     return score("6", "ensemble_AB", seed, pairs["val"], pairs.get("test"), alpha=None,
                  windows=min(ENSEMBLE_WINDOWS, cap))
@@ -237,112 +207,6 @@ def single_rows(seed: int, name: str, ens: dict[str, list[float]], labels: dict[
                 cap: int) -> list[Row]:
     pairs = {s: (np.asarray(v), labels[s]) for s, v in ens.items()}
     return score("6", name, seed, pairs["val"], pairs.get("test"), windows=min(ENSEMBLE_WINDOWS, cap))
-
-
-# ---- aggregation and output ----------------------------------------------------------------------------
-
-
-def aggregate(rows: Sequence[Row]) -> list[Row]:
-    """One 'mean' row per (table, config, split): means, and sample std over seeds (0 for one seed)."""
-    groups: dict[tuple[str, str, str], list[Row]] = {}
-    for r in rows:
-        groups.setdefault((r.table, r.config, r.split), []).append(r)
-    out = []
-    for (table, config, split), rs in groups.items():
-        def mean(k: str) -> float | None:
-            vals = [getattr(r, k) for r in rs if getattr(r, k) is not None]
-            return float(np.mean(vals)) if vals else None
-
-        std = {k: float(np.std([getattr(r, k) for r in rs], ddof=1)) if len(rs) > 1 else 0.0 for k in METRICS}
-        out.append(Row(table, config, split, "mean", mean("macro_f1"), mean("f1_ah"), mean("f1_noah"), mean("ap"),
-                       mean("accuracy"), mean("threshold"), rs[0].alpha, rs[0].windows, None, mean("seconds"),
-                       n_seeds=len(rs), std=std))
-    return out
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6f}"
-    return str(v)
-
-
-def write_csv(path: Path, rows: Sequence[Row]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    for r in rows:
-        d = dataclasses.asdict(r)
-        for k in METRICS:
-            d[f"{k}_std"] = r.std.get(k) if r.std else None
-        w.writerow([_fmt(d.get(c)) for c in CSV_COLUMNS])
-    atomic_write_text(path, buf.getvalue())
-
-
-def cell(r: Row | None, k: str) -> str:
-    if r is None:
-        return "-"
-    return f"{getattr(r, k):.3f} ± {r.std.get(k, 0.0):.3f}"
-
-
-TABLE4 = [("no_conflict", "No conflict features (v+a+t only)"), ("window_text", "Window-aligned transcript only"),
-          ("alpha=0", "Text blend α = 0.0 (full-fusion only)"), ("alpha=0.5", "Text blend α = 0.5"),
-          ("alpha=0.6", "Text blend α = 0.6 (ours)"), ("alpha=1", "Text blend α = 1.0 (text-only at inference)")]
-TABLE5 = [("modality=v", "Video only"), ("modality=a", "Audio only"), ("modality=t", "Text only"),
-          ("modality=va", "Video + Audio"), ("modality=vt", "Video + Text"), ("modality=at", "Audio + Text"),
-          ("modality=vat", "All three (ours)")]
-TABLE6 = [("windows=1", "Inference: 1 window"), ("windows=3", "Inference: 3 windows"),
-          ("windows=5", "Inference: 5 windows (ours)"), ("single_A", "Single checkpoint A (5 windows)"),
-          ("single_B", "Single checkpoint B (5 windows)"), ("ensemble_AB", "Ensemble of 2 checkpoints (5 win.)")]
-
-
-def markdown(agg: Sequence[Row], meta: dict[str, Any]) -> str:
-    by = {(r.table, r.config, r.split): r for r in agg}
-
-    def table(title: str, tab: str, items, splits: Sequence[str], first: str) -> list[str]:
-        present = [(c, label) for c, label in items if any((tab, c, s) in by for s in splits)]
-        if not present:
-            return []
-        head = [first] + [f"{s} {m}" if len(splits) > 1 else m for s in splits
-                          for m in ("Macro F1", "F1-AH", "F1-NoAH")]
-        lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for c, label in present:
-            vals = [cell(by.get((tab, c, s)), k) for s in splits for k in METRICS]
-            lines.append("| " + " | ".join([label] + vals) + " |")
-        return lines + [""]
-
-    out = [f"# Ablation: {meta['cache']}", "",
-           f"Cache fingerprint `{meta['fingerprint']}`; seeds {meta['seeds']}; "
-           f"{meta['trainings']} trainings in {meta['seconds']:.0f} s on {meta['device']}.",
-           f"Options: {json.dumps(meta['base'], sort_keys=True) if meta['base'] else 'the paper defaults'}.",
-           f"Tables 4 and 5 use {meta['windows']} inference window(s) (the paper: 1); each setting's threshold "
-           "is swept on val at that setting. Cells: mean ± sample std over seeds.", ""]
-    has_test = any(r.split == "test" for r in agg)
-    test = ["test"] if has_test else ["val"]
-    out += table("Table 4. Component ablation (" + test[0] + " split)", "4", TABLE4, test, "Configuration")
-    out += table("Table 5. Modality ablation (validation and test splits)", "5", TABLE5,
-                 ["val", "test"] if has_test else ["val"], "Modality")
-    out += table("Table 6. Inference settings (" + test[0] + " split)", "6", TABLE6, test, "Setting")
-    if meta["quick"]:
-        out.append("- Quick: only v, a, t and vat trained; the component rows of Table 4 and the ensemble are absent.")
-    else:
-        out += [f"- {meta['a_note']}; checkpoint B = vat, eps {B_SMOOTHING}, frozen.",
-                f"- Window-aligned transcript: {'trained' if meta['window_text'] else 'not in the cache: row absent'}."]
-    out.append(f"- Windows are capped at the {meta['cap']} eval window(s) the cache holds.")
-    margin = full_vs_single(agg, test[0])
-    if margin is not None:
-        out.append(f"- Full model vs the best single modality ({test[0]} Macro F1): {margin:+.3f}.")
-    return "\n".join(out) + "\n"
-
-
-def full_vs_single(agg: Sequence[Row], split: str = "test") -> float | None:
-    by = {(r.config, r.split): r.macro_f1 for r in agg if r.table == "5"}
-    full = by.get(("modality=vat", split))
-    singles = [by[(f"modality={m}", split)] for m in "vat" if (f"modality={m}", split) in by]
-    if full is None or not singles:
-        return None
-    return full - max(singles)
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -399,14 +263,11 @@ def choose_a(spec: dict | None, quick: bool, frozen_a: bool) -> tuple[bool, str]
 def load_data(cache: Path, quick: bool = False, frozen_a: bool = False, device: str = "auto",
               on_load: Callable[[str], None] | None = None) -> AblationData:
     """train, val and (when present) test, each read from the cache once, with every layer the plan needs."""
-    from extract.store import CacheReader
-    from heads.checkpoint import cache_record
-    from heads.data import load_split
 
     reader = CacheReader(cache)
     a_ok, _ = choose_a(reader.spec, quick, frozen_a)
     window_text = make_plan(reader.spec, quick, a_ok, "").window_text
-    layers = ("last", "prefix") if a_ok else ("last",)
+    layers = (LAST, PREFIX) if a_ok else (LAST,)
 
     def load(split: str):
         if on_load is not None:
@@ -415,7 +276,7 @@ def load_data(cache: Path, quick: bool = False, frozen_a: bool = False, device: 
 
     test = load("test") if reader.video_ids("test") else None
     return AblationData(load("train"), load("val"), test, reader.spec, reader.fingerprint,
-                        cache_record(reader, cache), str(cache))
+                        cache_record(reader), str(cache))
 
 
 def run_ablation(
@@ -435,8 +296,6 @@ def run_ablation(
 ) -> AblationResult:
     """Train and score every ablation config for `seeds` seeds (0..seeds-1); write OUT/ablation.md and
     OUT/ablation.csv. `base` overrides TrainConfig/ModelConfig options for every training."""
-    from heads.train import TrainConfig
-
     t0 = time.perf_counter()
     base = dict(base or {})
     _, train_over = split_overrides(base)
@@ -464,9 +323,6 @@ def ablate(
     started: float | None = None,
 ) -> AblationResult:
     """The ablation over splits already in memory (run_ablation loads them; a benchmark may build them)."""
-    from heads.data import parse_modalities
-    from heads.model import ModelConfig
-    from heads.train import TrainConfig, train_heads
 
     t0 = time.perf_counter() if started is None else started
     if seeds < 1 or windows < 1:
@@ -503,13 +359,10 @@ def ablate(
                                    **model_over)
                 tkw = dict(train_over, seed=seed, text_source=t.text_source if "text" in mods else "full",
                            label_smoothing=t.label_smoothing)
-                extra = {}
                 if t.unfreeze_top:
                     tkw["unfreeze_top"] = t.unfreeze_top
-                    if "encoder_spec" in inspect.signature(train_heads).parameters:
-                        extra["encoder_spec"] = data.spec
                 tcfg = TrainConfig(**{"device": device, **tkw})
-                result = train_heads(train, val, mcfg, tcfg, None, on_epoch=on_epoch, cache=data.cache, **extra)
+                result = train_from_cache(train, val, mcfg, tcfg, spec=data.spec, on_epoch=on_epoch, cache=data.cache)
                 run = as_run(result, t.name, data.cache)
                 r_rows, r_ens = evaluate_training(run, t, seed, evals, windows, cap,
                                                   full_model=(t.name == "vat"))
@@ -535,5 +388,5 @@ def ablate(
     return AblationResult(rows, agg, md, seconds)
 
 
-__all__ = ["run_ablation", "ablate", "load_data", "AblationData", "AblationResult", "AblationError", "Row", "Training", "make_plan", "aggregate",
-           "markdown", "full_vs_single", "split_overrides", "SUBSETS", "ALPHAS", "WINDOWS"]
+__all__ = ["run_ablation", "ablate", "load_data", "AblationData", "AblationResult", "AblationError", "Training",
+           "make_plan", "split_overrides", "SUBSETS", "ALPHAS", "WINDOWS"]

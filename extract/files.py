@@ -1,0 +1,130 @@
+"""File-system helpers with one policy for every artifact the project writes (cache, run, report).
+
+Atomic write: a temporary sibling named after its owner (`.tmp.<pid>.<host>.<rand>.<name>`), flushed and
+fsynced, renamed over the target, then the folder fsynced: a reader sees the old file or the new one,
+whole, even after a power cut; and a leftover temporary can be told from a live writer's (`owner_dead`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+from extract.errors import AHError
+from extract.faults import fault_point
+
+
+def host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def tmp_name(kind: str, rest: str) -> str:
+    """'.<kind>.<pid>.<host>.<rand>.<rest>': the owner is recorded so only dead owners' leftovers are removed."""
+    return f".{kind}.{os.getpid()}.{host()}.{uuid.uuid4().hex[:8]}.{rest}"
+
+
+def owner_dead(name: str) -> bool:
+    """True for a temporary name whose writer is gone (same host, pid not running) or is unparseable."""
+    parts = name.split(".", 5)
+    if len(parts) < 6 or parts[1] not in ("tmp", "trash") or not parts[2].isdigit():
+        return True
+    if parts[3] != host():
+        return False  # another machine's writer on a shared filesystem: not ours to judge
+    pid = int(parts[2])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_tmp(folder: Path) -> None:
+    """Remove the temporary files of dead writers in `folder` (a live writer's are left alone)."""
+    for p in Path(folder).glob(".tmp.*"):
+        if owner_dead(p.name):
+            remove(p)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so a rename inside it is durable across a power loss)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], fault: str | None = None) -> None:
+    """Write `path` atomically and durably (see the module doc); makes the folder if needed. `fault` names
+    the crash-test point reached just before the rename (extract/faults.py)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / tmp_name("tmp", path.name)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if fault:
+            fault_point(fault)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, fault: str | None = None) -> None:
+    atomic_write(path, lambda fh: fh.write(data), fault)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"), fault="json_replace")
+
+
+def read_json(path: Path, error: type[AHError] = AHError, what: str = "file") -> Any:
+    """Parsed JSON, or `error` with one line naming the file (FileNotFoundError passes through)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: {what} is unreadable or not valid JSON ({exc})") from exc
+
+
+def read_json_object(path: Path, error: type[AHError] = AHError, what: str = "file") -> dict[str, Any]:
+    """read_json that also insists on a JSON object (a hand-edited list or number is one line, not a crash)."""
+    obj = read_json(path, error, what)
+    if not isinstance(obj, dict):
+        raise error(f"{path}: {what} must be a JSON object, not {type(obj).__name__}")
+    return obj
