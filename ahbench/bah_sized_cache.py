@@ -16,8 +16,8 @@ from pathlib import Path
 
 import typer
 
-from ahbench.extraction import InstantEncoders, SPEC
-from extract.run import extract, ExtractOptions, phase_report
+from ahbench.extraction import SPEC, InstantEncoders
+from extract.run import ExtractOptions, extract, phase_report
 from extract.spec import load_spec
 from extract.synth import write_synthetic_bah
 

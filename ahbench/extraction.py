@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from extract.encoders import audio_segment_lengths
-from extract.run import extract, ExtractOptions
+from extract.run import ExtractOptions, extract
 from extract.spec import ExtractionSpec, load_spec
 from extract.synth import write_synthetic_bah
 from extract.tiny_encoders import tiny_tokenizer

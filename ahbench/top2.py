@@ -3,7 +3,7 @@
 Full-size architectures, random-initialised from transformers configs (same FLOPs as the real models):
 VideoMAE-B (1568 tokens per 16-frame 224 px clip), HuBERT-B (27 s of audio -> 1349 tokens), RoBERTa-B
 (512 tokens), all 768 wide, and the paper's heads. Both paths run the same code as training
-(heads.topblocks.TopBlocksHeads, heads.finetune.truncate_top): the cached path runs only the top 2 blocks of
+(heads.topblocks.TopBlocksHeads, ahflows.raw_media.truncate_top): the cached path runs only the top 2 blocks of
 each encoder (forward + backward) on prefix states; the end-to-end path first runs the frozen lower 10
 blocks of each encoder (no grad) on raw inputs. An epoch = 778 train videos (one window each; micro-batches
 of 4 on CUDA, of 1 on the CPU), 49 AdamW steps (batch 4 x 4 accumulation) + scoring 124 val videos on 5
@@ -33,7 +33,6 @@ from heads.model import build_model
 from heads.tokens import Tokens
 from heads.topblocks import TopBlocks, TopBlocksHeads
 from heads.train import joint_loss, make_optimizer, param_groups, steps_per_epoch
-
 
 TRAIN_VIDEOS, VAL_VIDEOS, EVAL_WINDOWS, PAPER_BATCH, ACCUM = 778, 124, 5, 4, 4
 AUDIO_SECONDS = 27.0
@@ -101,7 +100,7 @@ class _Setup:
     @torch.no_grad()
     def lower_tokens(self, clips: int, videos: int) -> dict:
         """Prefix states computed by the frozen lower blocks from raw inputs (per video for audio and text,
-        as heads.finetune.LowerEncoders does)."""
+        as ahflows.raw_media.LowerEncoders does)."""
 
         with self.autocast():
             v = self.lower["video"](pixel_values=self.pixels.expand(clips, -1, -1, -1, -1)).last_hidden_state

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+
 from ahbench.run import render_markdown, run_bench, save
 from extract.run import resolve_device
-
 
 console = Console(stderr=True)
 

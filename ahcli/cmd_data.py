@@ -9,10 +9,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
-from extract.bah import read_bah
-from extract.synth import PRIVATE_SUBDIR, write_synthetic_bah
-from extract.vocab import SPLITS
 
+from extract.bah import PRIVATE_SUBDIR, read_bah
+from extract.synth import write_synthetic_bah
+from extract.vocab import SPLITS
 
 data_app = typer.Typer(help="Inspect and validate a BAH dataset tree.", no_args_is_help=True)
 

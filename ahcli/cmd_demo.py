@@ -1,4 +1,4 @@
-"""`ahcli demo OUT`: the whole pipeline on synthetic data (wiring only; the work is in heads/demo.py)."""
+"""`ahcli demo OUT`: the whole pipeline on synthetic data (wiring only; the work is in ahflows/demo.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
-from ahflows.demo import DemoOptions, run_demo, SYNTHETIC_NOTE
 
+from ahflows.demo import SYNTHETIC_NOTE, DemoOptions, run_demo
 
 
 def register(app: typer.Typer) -> None:

@@ -1,5 +1,5 @@
 """`ahcli ensemble` (checkpoint ensembles + challenge submission) and `ahcli ablate` (Tables 4-6).
-Wiring only: the work is in heads/ensemble.py and heads/ablate.py."""
+Wiring only: the work is in ahflows/ensemble.py and ahflows/ablate.py."""
 from __future__ import annotations
 
 import json
@@ -9,25 +9,17 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from ahcli.options import console, progress_bar
 from ahflows.ablate import run_ablation
 from ahflows.ablation_table import METRICS, full_vs_single
 from ahflows.ensemble import run_ensemble
 from ahflows.submission import NO_PROBS, WITH_PROBS
 
 
-console = Console(stderr=True)
-
-
 def register(app: typer.Typer) -> None:
     app.command("ensemble")(ensemble_cmd)
     app.command("ablate")(ablate_cmd)
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
 
 
 def _warn(msg: str) -> None:
@@ -49,7 +41,7 @@ def ensemble_cmd(
 ) -> None:
     """Average runs' blended probabilities, re-tune the threshold on val, score val/test, write the submission."""
 
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("scoring", total=None)
         record = run_ensemble(runs, cache, out, windows, data_root=data, private_root=private_root,
                               allow_missing=allow_missing, device=device, warn=_warn,
@@ -109,7 +101,7 @@ def ablate_cmd(
     base = {k: v for k, v in options.items() if v is not None}
     if not amp:
         base["amp"] = False
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("loading", total=None)
         epoch_task = progress.add_task("epoch", total=None, visible=False)
 

@@ -10,10 +10,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
-from extract.run import extract, ExtractOptions, phase_report
+
+from extract.run import ExtractOptions, extract, phase_report
 from extract.store import CacheReader
 from extract.tiny_encoders import write_tiny_encoders
-
 
 console = Console()
 encoders_app = typer.Typer(help="Encoder utilities.", no_args_is_help=True)

@@ -1,4 +1,4 @@
-"""`ahcli finetune`: checkpoint A end to end from the raw BAH tree (wiring only; the work is in heads/finetune.py).
+"""`ahcli finetune`: checkpoint A end to end from the raw BAH tree (wiring only; the work is in ahflows/finetune.py).
 
 It takes train-heads' options (shared from ahcli/cmd_heads.py) and writes the same run folder, plus the
 fine-tuned encoder blocks (encoder_top.safetensors). The faster equivalent over a cache that holds the
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import typer
 
-from ahcli.cmd_heads import (console, model_options, OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE,
-                             OPT_CHECKPOINT_EVERY, OPT_DEVICE, OPT_DIM, OPT_ENCODER_LR_SCALE, OPT_EPOCHS,
-                             OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT, OPT_HEAD_DROPOUT, OPT_HEAD_HIDDEN, OPT_JSON,
-                             OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN, OPT_MODALITIES, OPT_NO_CONFLICT, OPT_PATIENCE,
-                             OPT_POOLING, OPT_RESUME, OPT_SEED, OPT_STOP_AFTER, OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT,
-                             OPT_WEIGHT_DECAY, Pooling, report_result, TextSource, train_config, train_with_progress)
+from ahcli.options import (OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CHECKPOINT_EVERY, OPT_DEVICE, OPT_DIM,
+                           OPT_ENCODER_LR_SCALE, OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT, OPT_HEAD_DROPOUT,
+                           OPT_HEAD_HIDDEN, OPT_JSON, OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN, OPT_MODALITIES,
+                           OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_RESUME, OPT_SEED, OPT_STOP_AFTER,
+                           OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT, OPT_WEIGHT_DECAY, Pooling, TextSource, console,
+                           model_options, report_result, train_config, train_with_progress)
 from ahflows.finetune import finetune
 from heads.resume import check_out_folder
 

@@ -7,12 +7,12 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from ahcli.options import console
 from ahflows.explain import explain_video
 from ahflows.predict import predict_recording
 from ahflows.report import write_report
 
-
-console = Console(stderr=True)
 out = Console()
 
 

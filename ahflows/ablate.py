@@ -25,15 +25,12 @@ cache, options and seed.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import inspect
-import io
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -152,7 +149,7 @@ def _labelled(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def as_run(result, name: str, cache: dict[str, Any]):
-    """A heads.checkpoint.Run around a freshly trained model (no folder written: nothing to re-read)."""
+    """A heads.runs.Run around a freshly trained model (no folder written: nothing to re-read)."""
     alpha = result.train_config.alpha if result.model_config.has_text else 0.0
     return Run(Path(name), result.model, result.model_config, result.train_config, float(result.threshold),
                float(alpha), result.metrics_record(), cache)
@@ -250,7 +247,7 @@ class AblationData:
     test: Any | None
     spec: dict[str, Any]              # the cache's spec (window-aligned text? prefix states?)
     fingerprint: str
-    cache: dict[str, Any]             # heads.checkpoint.cache_record: {fingerprint, path}
+    cache: dict[str, Any]             # heads.run_files.cache_record: {fingerprint, path}
     name: str                         # shown in ablation.md
 
 
@@ -279,6 +276,17 @@ def load_data(cache: Path, quick: bool = False, frozen_a: bool = False, device: 
                         cache_record(reader), str(cache))
 
 
+@dataclass
+class AblationOptions:
+    seeds: int = 3                    # seeds 0..seeds-1
+    base: dict[str, Any] = field(default_factory=dict)   # TrainConfig/ModelConfig options for every training
+    quick: bool = False
+    windows: int = 1                  # inference windows of Tables 4 and 5
+    device: str = "auto"
+    resume: bool = False
+    frozen_a: bool = False
+
+
 def run_ablation(
     cache: Path,
     out: Path,
@@ -303,33 +311,20 @@ def run_ablation(
     if seeds < 1 or windows < 1:
         raise AblationError("seeds and windows must be >= 1")
     data = load_data(cache, quick, frozen_a, train_over.get("device", device), on_load)
-    return ablate(data, out, seeds, base, quick, windows=windows, device=device, resume=resume, frozen_a=frozen_a,
-                  on_training=on_training, on_epoch=on_epoch, started=t0)
+    opts = AblationOptions(seeds, base, quick, windows, device, resume, frozen_a)
+    return ablate(data, out, opts, on_training=on_training, on_epoch=on_epoch, started=t0)
 
 
-def ablate(
-    data: AblationData,
-    out: Path,
-    seeds: int = 3,
-    base: dict[str, Any] | None = None,
-    quick: bool = False,
-    *,
-    windows: int = 1,
-    device: str = "auto",
-    resume: bool = False,
-    frozen_a: bool = False,
-    on_training: Callable[[str, int, int], None] | None = None,
-    on_epoch: Callable[[Any, Any], None] | None = None,
-    started: float | None = None,
-) -> AblationResult:
-    """The ablation over splits already in memory (run_ablation loads them; a benchmark may build them)."""
-
+def ablate(data: AblationData, out: Path, opts: AblationOptions, *,
+           on_training: Callable[[str, int, int], None] | None = None,
+           on_epoch: Callable[[Any, Any], None] | None = None, started: float | None = None) -> AblationResult:
+    """The ablation over splits already in memory (run_ablation loads them)."""
     t0 = time.perf_counter() if started is None else started
-    if seeds < 1 or windows < 1:
+    if opts.seeds < 1 or opts.windows < 1:
         raise AblationError("seeds and windows must be >= 1")
-    base = dict(base or {})
+    seeds, base, quick, windows, device = opts.seeds, dict(opts.base), opts.quick, opts.windows, opts.device
     model_over, train_over = split_overrides(base)
-    a_ok, a_reason = choose_a(data.spec, quick, frozen_a)
+    a_ok, a_reason = choose_a(data.spec, quick, opts.frozen_a)
     plan = make_plan(data.spec, quick, a_ok, a_reason)
     train, val = data.train, data.val
     evals = {"val": val} | ({"test": data.test} if data.test is not None else {})
@@ -340,7 +335,7 @@ def ablate(
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_FILE
     key = _log_key(data.fingerprint, base, quick, windows)
-    done = _read_log(log_path, key) if resume else {}
+    done = _read_log(log_path, key) if opts.resume else {}
     # Keep only this ablation's complete records (a kill may have cut the last line), then append to it.
     atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in done.values()))
     rows: list[Row] = []

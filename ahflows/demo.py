@@ -21,7 +21,6 @@ folder was made with; a rerun with different ones is refused (naming them) rathe
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,7 @@ from ahflows.ensemble import run_ensemble
 from ahflows.report import write_report
 from extract.errors import AHError
 from extract.files import atomic_write_json, read_json_object
-from extract.run import extract, ExtractOptions
+from extract.run import ExtractOptions, extract
 from extract.store import CacheReader
 from extract.synth import write_synthetic_bah
 from extract.tiny_encoders import write_tiny_encoders
@@ -96,44 +95,22 @@ class DemoOptions:
                 "text_weight": self.text_weight, "device": self.device}
 
 
-@dataclass
 class DemoPaths:
-    out: Path
+    """Where each stage of the demo writes, under OUT."""
 
-    @property
-    def synth(self) -> Path:
-        return self.out / "synth"
-
-    @property
-    def data(self) -> Path:
-        return self.synth / "data"
-
-    @property
-    def encoders(self) -> Path:
-        return self.out / "encoders"
-
-    @property
-    def spec(self) -> Path:
-        return self.encoders / "cache_spec.yaml"
-
-    @property
-    def cache(self) -> Path:
-        return self.out / "cache"
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.synth = self.out / "synth"
+        self.data = self.synth / "data"
+        self.encoders = self.out / "encoders"
+        self.spec = self.encoders / "cache_spec.yaml"
+        self.cache = self.out / "cache"
+        self.ensemble = self.out / "ensemble"
+        self.ablation = self.out / "ablation"
+        self.markers = self.out / MARKERS
 
     def run(self, name: str) -> Path:
         return self.out / "runs" / name
-
-    @property
-    def ensemble(self) -> Path:
-        return self.out / "ensemble"
-
-    @property
-    def ablation(self) -> Path:
-        return self.out / "ablation"
-
-    @property
-    def markers(self) -> Path:
-        return self.out / MARKERS
 
     def marker(self, stage: str) -> Path:
         return self.markers / f"{stage}.json"

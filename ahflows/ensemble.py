@@ -18,18 +18,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ahflows.submission import (check_missing, DECIMALS, PLACEHOLDER_P1, private_order, private_split_file, quantise,
+from ahflows.raw_media import load_run_with_media
+from ahflows.submission import (DECIMALS, PLACEHOLDER_P1, check_missing, private_order, private_split_file, quantise,
                                 write_submission)
 from extract.errors import AHError
 from extract.files import atomic_write_json, atomic_write_text
 from extract.store import CacheReader
-from ahflows.raw_media import load_run_with_media
 from extract.vocab import SPLITS
 from heads.data import SplitData, load_split, resolve_device
 from heads.infer import data_needs, predict_split
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.run_files import read_config
 from heads.runs import Run
+
 
 class EnsembleError(AHError):
     """Runs that cannot be combined, or a cache without val labels."""

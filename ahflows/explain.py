@@ -25,13 +25,14 @@ import numpy as np
 import torch
 
 from ahflows.single import CachedVideo, load_video
-from extract.bah import parse_transcript, PRIVATE_DIR, read_split_file
+from extract.bah import PRIVATE_DIR, read_split_file, split_file, transcript_path
 from extract.encoders import load_preprocessor, text_segments
 from extract.errors import AHError
 from extract.spec import spec_from_dict
 from extract.store import CacheReader
+from extract.transcripts import parse_transcript
 from extract.windows import window_text
-from heads.model import blend, ConflictAwareModel
+from heads.model import ConflictAwareModel, blend
 from heads.runs import load_run
 from heads.topblocks import head_model_of
 
@@ -217,14 +218,14 @@ def transcript_of(data_root: Path, video_id: str, split: str, duration: float) -
     """(full transcript as extracted: the split file's text, else the YAML's; chunks) of a video."""
     root = Path(data_root)
     base = root / PRIVATE_DIR if split == "private" else root
-    split_file = base / "split" / ("test.txt" if split == "private" else f"{split}.txt")
-    if not split_file.is_file():
-        raise ExplainError(f"{split_file}: split file not found (is {root} the BAH root the cache was made from?)")
-    lines, _ = read_split_file(split_file, private=split == "private", split=split)
+    path = split_file(base, split)
+    if not path.is_file():
+        raise ExplainError(f"{path}: split file not found (is {root} the BAH root the cache was made from?)")
+    lines, _ = read_split_file(path, private=split == "private", split=split)
     text = next((line.transcript for line in lines if line.video_id == video_id), None)
     if text is None:
-        raise ExplainError(f"{split_file}: no line for {video_id!r}")
-    yml = base.joinpath("transcription", *video_id.split("/")) / (video_id.rsplit("/", 1)[-1][:-4] + ".yml")
+        raise ExplainError(f"{path}: no line for {video_id!r}")
+    yml = transcript_path(base, video_id)
     chunks: list = []
     if yml.is_file():
         yaml_text, chunks = parse_transcript(yml, duration)

@@ -20,14 +20,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ahflows.single import load_video, MemoryVideo
-from extract.bah import BahError, parse_transcript, TranscriptChunk, Video
+from ahflows.single import MemoryVideo, load_video
+from extract.bah import Video
+from extract.decode import decode_windows
 from extract.encoders import load_encoders
 from extract.errors import AHError
-from extract.decode import decode_windows
 from extract.media import probe
 from extract.run import DecodedVideo, encode_video_record
 from extract.spec import load_spec
+from extract.transcripts import BahError, TranscriptChunk, parse_transcript
 from extract.windows import window_starts
 from heads.infer import predict_split
 from heads.runs import load_run

@@ -22,10 +22,10 @@ from extract.decode import decode_windows
 from extract.encoders import (audio_forward, audio_segment_lengths, load_backbone, load_preprocessor, text_segments,
                               texts_forward, video_forward, weights_id_of)
 from extract.errors import AHError
+from extract.run import window_count
 from extract.spec import ExtractionSpec
 from extract.store import CacheReader
 from extract.vocab import LAST, MODALITIES
-from extract.run import window_count
 from extract.windows import window_starts
 from heads.data import SplitData, resolve_device
 from heads.infer import WindowLogits, autocast, per_video_modalities

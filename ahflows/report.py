@@ -14,8 +14,6 @@ Everything is drawn on matplotlib `Figure` objects with the Agg canvas: no displ
 from __future__ import annotations
 
 import csv
-import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +27,10 @@ from ahflows.plots import (METRIC_LABELS, AblationRow, SplitPredictions, plot_ab
                            plot_pr_curves, plot_threshold_curve, plot_training_curves)
 from extract.errors import AHError
 from extract.files import read_json_object
-from extract.vocab import canonical_letters, is_letters
 from extract.store import CacheReader
+from extract.vocab import canonical_letters, is_letters
 from heads.data import resolve_device
-from heads.metrics import average_precision, bah_metrics, macro_f1_at, thresholds
+from heads.metrics import bah_metrics
 from heads.run_files import read_history
 from heads.runs import load_run
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.bah import PRIVATE_DIR, read_split_file
+from extract.bah import PRIVATE_DIR, read_split_file, split_file
 from extract.errors import AHError
 from extract.files import atomic_write_json, atomic_write_text
 
@@ -65,9 +65,9 @@ def private_split_file(data_root: Path | None, private_root: Path | None) -> Pat
     """The private split file: private_root/split/test.txt, else <data_root>/../test-set-30-participants-
     unlabeled/data/split/test.txt. None when neither root is given."""
     if private_root is not None:
-        path = Path(private_root) / "split" / "test.txt"
+        path = split_file(private_root, "private")
     elif data_root is not None:
-        path = Path(data_root) / PRIVATE_DIR / "split" / "test.txt"
+        path = split_file(Path(data_root) / PRIVATE_DIR, "private")
     else:
         return None
     if not path.is_file():

@@ -17,16 +17,21 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Sequence
-
-import yaml
+from typing import Iterable, Sequence
 
 from extract.errors import AHError
 from extract.media import MediaError, MediaInfo, probe
+from extract.transcripts import BahError, TranscriptChunk, load_big_yaml, parse_transcript
 from extract.vocab import PUBLIC_SPLITS, SPLITS
 
-PRIVATE_DIR = Path("..") / "test-set-30-participants-unlabeled" / "data"
-MAX_TRANSCRIPT_BYTES = 4 * 1024 * 1024  # a Whisper transcript of a 20-minute video is ~30 kB
+PRIVATE_SUBDIR = Path("test-set-30-participants-unlabeled") / "data"   # beside the labelled tree's root
+PRIVATE_DIR = Path("..") / PRIVATE_SUBDIR                               # relative to the labelled root
+
+
+def split_file(base: Path, split: str) -> Path:
+    """A split's list file in a BAH tree: base/split/<split>.txt; the private split's is test.txt under its
+    own tree (base = the private root)."""
+    return Path(base) / "split" / ("test.txt" if split == "private" else f"{split}.txt")
 
 _FRAME_RE = re.compile(r"^frame-(\d+)\.jpg$", re.IGNORECASE)
 _QUESTION_RE = re.compile(r"_Question_(\d+)_")
@@ -38,8 +43,6 @@ class NotBahTree(AHError):
     exit_code = 2
 
 
-class BahError(AHError):
-    """A file of the tree (metadata, annotations) that cannot be loaded."""
 
 
 # Problem kinds (for the per-split table of `ahcli data check`).
@@ -54,11 +57,6 @@ K_REFUSED = "refused"
 K_OTHER = "other"
 
 
-@dataclass(frozen=True)
-class TranscriptChunk:
-    text: str
-    start: float
-    end: float | None
 
 
 @dataclass
@@ -106,112 +104,14 @@ class BahDataset:
     def metadata(self) -> dict:
         """Participant metadata (meta_data.yml), keyed by pid string; loaded on first call."""
         if self._metadata is None:
-            self._metadata = _load_big_yaml(self.root / "meta_data.yml")
+            self._metadata = load_big_yaml(self.root / "meta_data.yml")
         return self._metadata
 
     def annotations(self) -> dict:
         """Per-video annotations (video_annotation_transcript.yaml); loaded on first call (large file)."""
         if self._annotations is None:
-            self._annotations = _load_big_yaml(self.root / "video_annotation_transcript.yaml")
+            self._annotations = load_big_yaml(self.root / "video_annotation_transcript.yaml")
         return self._annotations
-
-
-# --------------------------------------------------------------------------------------------- YAML
-class _BahLoader(yaml.SafeLoader):
-    """SafeLoader that builds `!!python/tuple` as a tuple and refuses aliases (no alias expansion bombs)."""
-
-    def compose_node(self, parent, index):  # type: ignore[override]
-        if self.check_event(yaml.AliasEvent):
-            event = self.get_event()
-            raise yaml.composer.ComposerError(
-                None, None, f"YAML aliases (*{event.anchor}) are refused", event.start_mark
-            )
-        return super().compose_node(parent, index)
-
-
-def _construct_tuple(loader: yaml.SafeLoader, node: yaml.Node) -> tuple:
-    return tuple(loader.construct_sequence(node))
-
-
-_BahLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
-
-
-def load_yaml(path: Path, max_bytes: int | None = MAX_TRANSCRIPT_BYTES) -> Any:
-    """Parse a YAML file safely; raises BahError naming the file on size, syntax or alias trouble."""
-    try:
-        size = path.stat().st_size
-        if max_bytes is not None and size > max_bytes:
-            raise BahError(f"{path}: {size} bytes, over the {max_bytes}-byte limit for this file")
-        with open(path, "rb") as fh:
-            loader = _BahLoader(fh)  # what yaml.load does, with our SafeLoader subclass
-            try:
-                return loader.get_single_data()
-            finally:
-                loader.dispose()
-    except BahError:
-        raise
-    except yaml.YAMLError as exc:
-        first = " ".join(str(exc).split())
-        raise BahError(f"{path}: YAML does not parse ({first[:200]})") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BahError(f"{path}: cannot read ({exc})") from exc
-
-
-def _load_big_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise BahError(f"{path}: file not found")
-    data = load_yaml(path, max_bytes=None)
-    if not isinstance(data, dict):
-        raise BahError(f"{path}: expected a mapping at the top level")
-    return data
-
-
-# --------------------------------------------------------------------------------------- transcript
-def monotonic_chunks(raw: Sequence[tuple[str, float, float | None]], duration: float) -> list[TranscriptChunk]:
-    """Rebuild a monotonic timeline: whenever a start goes backwards (Whisper's 30 s restarts) the offset
-    grows by the previous chunk's absolute end; a null end becomes the next start, or the duration."""
-    out: list[TranscriptChunk] = []
-    offset = 0.0
-    prev_start = None
-    prev_abs_end = 0.0
-    for i, (text, start, end) in enumerate(raw):
-        if prev_start is not None and start < prev_start:
-            offset = prev_abs_end
-        abs_start = start + offset
-        if end is None:
-            if i + 1 < len(raw):
-                nxt = raw[i + 1][1]
-                abs_end = nxt + offset if nxt >= start else abs_start  # next restarts: unknown, zero-length
-            else:
-                abs_end = max(duration, abs_start)
-        else:
-            abs_end = max(end + offset, abs_start)
-        out.append(TranscriptChunk(text=text, start=abs_start, end=abs_end))
-        prev_start = start
-        prev_abs_end = abs_end
-    return out
-
-
-def parse_transcript(path: Path, duration: float) -> tuple[str, list[TranscriptChunk]]:
-    """Whisper YAML -> (full text, monotonic chunks). Raises BahError naming the file."""
-    data = load_yaml(path)
-    if data is None:
-        return "", []
-    if not isinstance(data, dict):
-        raise BahError(f"{path}: expected a mapping with 'text' and 'chunks'")
-    text = data.get("text") or ""
-    chunks = data.get("chunks") or []
-    if not isinstance(text, str) or not isinstance(chunks, list):
-        raise BahError(f"{path}: 'text' must be a string and 'chunks' a list")
-    raw: list[tuple[str, float, float | None]] = []
-    for i, chunk in enumerate(chunks):
-        try:
-            ts = chunk["timestamp"]
-            start, end = ts
-            raw.append((str(chunk.get("text") or ""), float(start), None if end is None else float(end)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BahError(f"{path}: chunk {i} has no valid (start, end) timestamp") from exc
-    return text.strip(), monotonic_chunks(raw, duration)
 
 
 # --------------------------------------------------------------------------------------- split files
@@ -323,18 +223,21 @@ def _face_frames(face_dir: Path) -> tuple[list[Path], list[int], list[Path]]:
     return [p for _, p in numbered], [n for n, _ in numbered], links
 
 
-def _transcript_yaml(folder: Path, name: str) -> Path:
-    for cand in (folder / f"{name}.yml", folder / f"{name}.yaml"):
+def transcript_path(base: Path, video_id: str) -> Path:
+    """Where a video's Whisper YAML lies: transcription/<video_id>/<name>.yml (or .yaml) under its tree."""
+    rel = PurePosixPath(video_id)
+    folder = Path(base).joinpath("transcription", *rel.parts)
+    stem = rel.name[:-4]
+    for cand in (folder / f"{stem}.yml", folder / f"{stem}.yaml"):
         if cand.is_file():
             return cand
-    return folder / f"{name}.yml"
+    return folder / f"{stem}.yml"
 
 
 def _read_video(base: Path, base_real: Path, line: SplitLine, split: str, allow_symlinks: bool,
                 notes: list[Problem]) -> Video:
     rel = _check_id(line.video_id)
     name = rel.name
-    stem = name[:-4]
     m = _QUESTION_RE.search(name)
     if not m:
         raise _Skip(K_SPLIT_LINE, f"{line.video_id}: no '_Question_<n>_' in the file name")
@@ -346,7 +249,6 @@ def _read_video(base: Path, base_real: Path, line: SplitLine, split: str, allow_
 
     mp4 = base.joinpath(*rel.parts)
     face_dir = base.joinpath("cropped-aligned-faces", *rel.parts)
-    tdir = base.joinpath("transcription", *rel.parts)
     if not mp4.parent.is_dir():
         raise _Skip(K_MISSING_VIDEO, f"{mp4.parent}: folder of the video does not exist")
     if not mp4.is_file():
@@ -364,7 +266,7 @@ def _read_video(base: Path, base_real: Path, line: SplitLine, split: str, allow_
         missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))
         detail = f"missing frame-{missing[0]}.jpg" if missing else "numbering does not start at 0"
         note(K_FRAME_MISMATCH, f"{face_dir}: gap in frame numbering ({detail}; {len(frames)} frames up to {numbers[-1]})")
-    tyaml = _transcript_yaml(tdir, stem)
+    tyaml = transcript_path(base, line.video_id)
     if not tyaml.is_file():
         raise _Skip(K_MISSING_TRANSCRIPT, f"{tyaml}: transcript YAML not found")
     _inside(tyaml, base_real, allow_symlinks, "the transcript YAML")
@@ -428,7 +330,7 @@ def _read_root(base: Path, split_names: Iterable[str], private: bool, allow_syml
                seen: dict[str, str], videos: list[Video], problems: list[Problem]) -> None:
     base_real = Path(os.path.realpath(base))
     for split in split_names:
-        path = base / "split" / ("test.txt" if private else f"{split}.txt")
+        path = split_file(base, "private" if private else split)
         if not path.is_file():
             problems.append(Problem(f"split/{path.name}", f"{path}: split file not found", split, K_SPLIT_LINE))
             continue
@@ -462,10 +364,10 @@ def read_bah(root, private_root=None, splits: Sequence[str] = SPLITS, allow_syml
         raise _not_tree(root, "data")
     if private_root is not None:
         private_root = Path(private_root)
-        if not (private_root / "split" / "test.txt").is_file():
+        if not split_file(private_root, "private").is_file():
             raise NotBahTree(f"{private_root}: not a BAH private test tree; expected split/test.txt, Videos/, "
                              "cropped-aligned-faces/, transcription/")
-    elif (root / PRIVATE_DIR / "split" / "test.txt").is_file():
+    elif split_file(root / PRIVATE_DIR, "private").is_file():
         private_root = (root / PRIVATE_DIR).resolve()
     videos: list[Video] = []
     problems: list[Problem] = []

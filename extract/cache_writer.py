@@ -11,10 +11,10 @@ import numpy as np
 
 from extract.faults import fault_point
 from extract.files import atomic_write_json, fsync_path, owner_dead, remove, tmp_name
-from extract.record import array_sha256, check_record, expected_arrays, LENGTHS, video_key, VideoRecord
+from extract.record import LENGTHS, VideoRecord, array_sha256, check_record, expected_arrays, video_key
 from extract.spec import ExtractionSpec
-from extract.store import (CacheError, CacheReader, ERRORS, fingerprint_mismatch, FORMAT, INDEX, load_manifest,
-                           MANIFEST, unit_problems, VIDEOS)
+from extract.store import (ERRORS, FORMAT, INDEX, MANIFEST, VIDEOS, CacheError, CacheReader, fingerprint_mismatch,
+                           load_manifest, unit_problems)
 from extract.store_backends import Backend, get_backend
 from extract.vocab import SEGMENTS
 

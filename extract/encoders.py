@@ -11,10 +11,8 @@ end-to-end fine-tuning path runs exactly the same code with gradients on.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
-import re
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -22,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from extract.errors import AHError
 from extract.spec import ExtractionSpec
 from extract.vocab import MODALITIES
+
 _AUTOCAST_DTYPE = torch.bfloat16
 # Files that define a local encoder's numbers (weights, config, preprocessing, tokenizer).
 _ID_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")

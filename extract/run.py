@@ -23,19 +23,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from extract.bah import read_bah, Video
+from extract.bah import Video, read_bah
 from extract.cache_writer import CacheWriter
+from extract.decode import decode_windows
 from extract.encoders import FrozenEncoders, load_encoders
 from extract.errors import AHError
 from extract.faults import fault_point
-from extract.decode import decode_windows
 from extract.provenance import provenance
 from extract.record import VideoRecord
 from extract.spec import ExtractionSpec, load_spec
 from extract.store import CacheReader
 from extract.vocab import SPLITS
 from extract.windows import window_starts
-
 
 # Writes hash, check and fsync each video: parallel threads keep them off the device's critical path.
 WRITE_THREADS = max(2, min(8, os.cpu_count() or 2))

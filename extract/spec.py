@@ -92,24 +92,28 @@ class ExtractionSpec:
         return dataclasses.replace(self, weights_id=tuple(sorted(ids.items())))
 
 
+def dataclass_from_mapping(cls, data: Any, where: str, error: type[AHError], noun: str = "key"):
+    """Build a (config) dataclass from a mapping; unknown keys and bad values are one `error` line naming
+    `where`. Shared by the spec and the run configs."""
+    if not isinstance(data, dict):
+        raise error(f"{where}: expected a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise error(f"{where}: unknown {noun}(s) {', '.join(unknown)}")
+    try:
+        return cls(**data)
+    except error as exc:
+        raise error(f"{where}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise error(f"{where}: {exc}") from exc
+
+
 def _build(cls, data: Any, where: str):
     if data is None:
         return cls()
-    if not isinstance(data, dict):
-        raise SpecError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise SpecError(f"{where}: unknown key(s) {', '.join(unknown)}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        if isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
+    if isinstance(data, dict):          # YAML lists become the spec's tuples
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return dataclass_from_mapping(cls, data, where, SpecError)
 
 
 def spec_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> ExtractionSpec:

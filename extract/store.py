@@ -28,9 +28,9 @@ import numpy as np
 
 from extract.errors import AHError
 from extract.files import read_json
-from extract.record import (array_sha256, canonical_json, check_declared, check_record, expected_arrays, video_key,
-                            VideoRecord)
-from extract.spec import diff_fields, ExtractionSpec
+from extract.record import (VideoRecord, array_sha256, canonical_json, check_declared, check_record, expected_arrays,
+                            video_key)
+from extract.spec import ExtractionSpec, diff_fields
 from extract.store_backends import Backend, get_backend
 
 FORMAT = 1

@@ -41,9 +41,9 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
+from extract.bah import PRIVATE_SUBDIR
 from extract.errors import AHError
 
-PRIVATE_SUBDIR = Path("test-set-30-participants-unlabeled") / "data"
 FACE_SIZE = 64
 FRAME_SIZE = 96
 LABEL_NOISE = 0.05

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from extract.errors import AHError
-from extract.vocab import LAST, modality_letters, parse_modalities, PREFIX, TEXT_SOURCES
+from extract.spec import dataclass_from_mapping
+from extract.vocab import LAST, PREFIX, TEXT_SOURCES, modality_letters, parse_modalities
 
 POOLINGS = ("fused", "literal")
 
@@ -73,19 +74,8 @@ class ModelConfig:
 
 
 def dataclass_from_dict(cls, data: Any, where: str):
-    """Build a config dataclass, refusing unknown keys with one clear line."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}")
-    try:
-        return cls(**data)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+    """Build a config dataclass, refusing unknown options and bad values with one clear line."""
+    return dataclass_from_mapping(cls, data, where, ConfigError, "option")
 
 
 @dataclass

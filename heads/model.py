@@ -22,10 +22,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from heads.config import ConfigError, ModelConfig, POOLINGS
+from heads.config import POOLINGS, ConfigError, ModelConfig
 from heads.tokens import Tokens
-
-
 
 
 class AttentionPool(nn.Module):

@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from extract.files import atomic_write_json, remove_stale_tmp
+from heads import run_files as rf
 from heads.config import TrainConfig
 from heads.runs import load_run
-from heads.topblocks import head_model_of, save_tops, TOPS_FILE, tops_of
+from heads.topblocks import TOPS_FILE, head_model_of, save_tops, tops_of
 from heads.train_state import EpochRecord, TrainResult, TrainState
-from heads import run_files as rf
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 
-
 @dataclass
 class Tokens:
     """One modality's tokens for a batch of B samples.

@@ -20,7 +20,7 @@ deterministic; on CUDA, bf16 autocast is used (amp) and atomics make the last bi
 The loop (`fit`) is shared by every data path through a `Learner`: how an epoch's accumulation groups are
 drawn, how a micro-batch becomes logits, and how val is scored. `train_heads` is the cached path (heads
 only, or with `unfreeze_top` the top encoder blocks from the cached 'prefix' states, heads/topblocks.py);
-heads/finetune.py is the end-to-end path from the raw media. Unfrozen encoder blocks get their own
+ahflows/finetune.py is the end-to-end path from the raw media. Unfrozen encoder blocks get their own
 parameter group at lr x encoder_lr_scale (paper: 3e-6 = 3e-5 / 10); the cosine schedule anneals both groups
 to lr_min.
 """
@@ -38,17 +38,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from extract.files import atomic_write_json
+from heads import run_files as rf
 from heads.config import ConfigError, ModelConfig, TrainConfig
-from heads.data import resolve_device, SplitData
+from heads.data import SplitData, resolve_device
 from heads.host_memory import keep_freed_memory
-from heads.infer import autocast, window_logits, WindowLogits
+from heads.infer import WindowLogits, autocast, window_logits
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.model import build_model
-from heads.resume import Checkpointer, finalize, prepare_out, restore, SnapshotBuffers
-from heads.topblocks import data_has_prefix, TopBlocksHeads, tops_of
+from heads.resume import Checkpointer, SnapshotBuffers, finalize, prepare_out, restore
+from heads.topblocks import TopBlocksHeads, data_has_prefix, tops_of
 from heads.train_state import EpochRecord, TrainingStopped, TrainProgress, TrainResult, TrainState
-from heads import run_files as rf
-
 
 # ---- pieces ----------------------------------------------------------------------------------------
 
@@ -135,25 +134,18 @@ def train_heads(
     cfg: TrainConfig,
     out: str | Path | None = None,
     *,
-    resume: bool = False,
-    stop_after: int | None = None,
-    on_epoch: Callable[[EpochRecord, "TrainProgress"], None] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-    cache: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
     tops: nn.ModuleDict | None = None,
     encoders: dict[str, Any] | None = None,
+    **loop: Any,
 ) -> TrainResult:
-    """Train the heads on `train`, select on `val`; with `out`, write a run folder (crash-safe).
+    """Train the heads on `train`, select on `val`; with `out`, write a run folder (crash-safe). `loop` takes
+    `fit`'s options: resume, stop_after, on_epoch, on_step, cache, extra.
 
     With cfg.unfreeze_top = n the top n blocks of each encoder (`tops`, with config.json's `encoders` section:
     ahflows.checkpoint_a.cached_tops builds both from the encoders' weights) are trained too, from the
     cached 'prefix' states (the splits must be loaded with layers including 'prefix').
-    `stop_after=k` returns after epoch k's checkpoint (a simulated interruption; resume with resume=True).
-    `on_epoch` may raise TrainingStopped to stop the same way. `cache` is {fingerprint, path} for config.json.
     """
     device = resolve_device(cfg.device)
-    cache = cache or rf.cache_record()
     layer = cfg.input_layer
     if cfg.text_source == "window" and model_cfg.has_text and layer not in train.text_window:
         raise ConfigError("text_source 'window': the cache holds no window-aligned transcripts"
@@ -184,8 +176,7 @@ def train_heads(
                              amp=cfg.amp)
 
     learner = Learner(model, lambda b: model(b.tokens), groups, val_logits, train.labels, val.labels)
-    return fit(learner, model_cfg, cfg, out, resume=resume, stop_after=stop_after, on_epoch=on_epoch,
-               on_step=on_step, cache=cache, extra=extra, encoders=encoders)
+    return fit(learner, model_cfg, cfg, out, encoders=encoders, **loop)
 
 
 def _with_tops(heads: nn.Module, tops: nn.ModuleDict | None, train: SplitData, val: SplitData,
@@ -216,7 +207,9 @@ def fit(
 ) -> TrainResult:
     """The paper's protocol over any data path: epochs, accumulation, cosine schedule, threshold sweep on
     val, early stopping, the best epoch's weights, crash-safe checkpoints and resume (see the module doc).
-    `encoders` is config.json's "encoders" section of a run with fine-tuned top blocks."""
+    `stop_after=k` returns after epoch k's checkpoint (a simulated interruption; resume with resume=True);
+    `on_epoch` may raise TrainingStopped to stop the same way. `cache` is {fingerprint, path} and `encoders`
+    the "encoders" section (runs with fine-tuned top blocks) for config.json."""
     device = resolve_device(cfg.device)
     out = Path(out) if out is not None else None
     cache = cache or rf.cache_record()

@@ -25,7 +25,7 @@ def _warm(spec: str | None) -> None:
     import extract.run  # noqa: F401  (torch, transformers, zarr, h5py, av)
 
     try:  # the head trainer (sklearn metrics): optional, a child that needs it imports it anyway
-        import heads.checkpoint  # noqa: F401
+        import heads.run_files  # noqa: F401
         import heads.infer  # noqa: F401
         import heads.train  # noqa: F401
     except Exception:  # noqa: BLE001

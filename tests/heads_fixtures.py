@@ -30,7 +30,7 @@ def tiny_train(**kw) -> TrainConfig:
 
 
 def write_cache(path: Path, sizes: dict[str, int] | None = None, dims=DIMS, windows=(3, 2), signal="conflict") -> Path:
-    """A real cache (extract.store.CacheWriter) holding SplitData.synthetic splits, private unlabelled."""
+    """A real cache (extract.cache_writer.CacheWriter) holding SplitData.synthetic splits, private unlabelled."""
     from extract.spec import ExtractionSpec, WindowSpec
     from extract.cache_writer import CacheWriter
     from extract.record import VideoRecord

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from extract.vocab import SPLITS
-from extract.bah import BahError, NotBahTree, TranscriptChunk, _timing, load_yaml, monotonic_chunks, parse_transcript, read_bah, read_split_file
+from extract.bah import NotBahTree, _timing, read_bah, read_split_file
+from extract.transcripts import BahError, TranscriptChunk, load_yaml, monotonic_chunks, parse_transcript
 from extract.media import MediaInfo
 from helpers_bah import cached_synth, copy_tree, line_of, write_mp4
 

@@ -65,7 +65,7 @@ def _check_submission(out: Path, order: list[str], threshold: float) -> dict[str
 
 
 def _independent_ensemble(case, split: str, windows: int = 5) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The mean of each run's own predict_split, computed here without heads.ensemble."""
+    """The mean of each run's own predict_split, computed here without ahflows.ensemble."""
     from heads.runs import load_run
     from heads.data import load_split
     from heads.infer import predict_split

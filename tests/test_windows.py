@@ -6,7 +6,7 @@ import pytest
 from extract.windows import clip_indices, is_padded, window_seconds, window_starts, window_text
 
 try:
-    from extract.bah import TranscriptChunk
+    from extract.transcripts import TranscriptChunk
 except ImportError:  # pragma: no cover - only while bah.py is being written
     from dataclasses import dataclass
 

@@ -1,0 +1,121 @@
+"""Whisper transcripts of BAH (YAML with timed chunks) and the safe YAML loader every BAH file is read with."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from extract.errors import AHError
+
+MAX_TRANSCRIPT_BYTES = 4 * 1024 * 1024  # a Whisper transcript of a 20-minute video is ~30 kB
+
+
+class BahError(AHError):
+    """A file of the tree (metadata, annotations) that cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class TranscriptChunk:
+    text: str
+    start: float
+    end: float | None
+
+
+# --------------------------------------------------------------------------------------------- YAML
+class _BahLoader(yaml.SafeLoader):
+    """SafeLoader that builds `!!python/tuple` as a tuple and refuses aliases (no alias expansion bombs)."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.get_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are refused", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def _construct_tuple(loader: yaml.SafeLoader, node: yaml.Node) -> tuple:
+    return tuple(loader.construct_sequence(node))
+
+
+_BahLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
+
+
+def load_yaml(path: Path, max_bytes: int | None = MAX_TRANSCRIPT_BYTES) -> Any:
+    """Parse a YAML file safely; raises BahError naming the file on size, syntax or alias trouble."""
+    try:
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise BahError(f"{path}: {size} bytes, over the {max_bytes}-byte limit for this file")
+        with open(path, "rb") as fh:
+            loader = _BahLoader(fh)  # what yaml.load does, with our SafeLoader subclass
+            try:
+                return loader.get_single_data()
+            finally:
+                loader.dispose()
+    except BahError:
+        raise
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split())
+        raise BahError(f"{path}: YAML does not parse ({first[:200]})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BahError(f"{path}: cannot read ({exc})") from exc
+
+
+def load_big_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise BahError(f"{path}: file not found")
+    data = load_yaml(path, max_bytes=None)
+    if not isinstance(data, dict):
+        raise BahError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+# --------------------------------------------------------------------------------------- transcript
+def monotonic_chunks(raw: Sequence[tuple[str, float, float | None]], duration: float) -> list[TranscriptChunk]:
+    """Rebuild a monotonic timeline: whenever a start goes backwards (Whisper's 30 s restarts) the offset
+    grows by the previous chunk's absolute end; a null end becomes the next start, or the duration."""
+    out: list[TranscriptChunk] = []
+    offset = 0.0
+    prev_start = None
+    prev_abs_end = 0.0
+    for i, (text, start, end) in enumerate(raw):
+        if prev_start is not None and start < prev_start:
+            offset = prev_abs_end
+        abs_start = start + offset
+        if end is None:
+            if i + 1 < len(raw):
+                nxt = raw[i + 1][1]
+                abs_end = nxt + offset if nxt >= start else abs_start  # next restarts: unknown, zero-length
+            else:
+                abs_end = max(duration, abs_start)
+        else:
+            abs_end = max(end + offset, abs_start)
+        out.append(TranscriptChunk(text=text, start=abs_start, end=abs_end))
+        prev_start = start
+        prev_abs_end = abs_end
+    return out
+
+
+def parse_transcript(path: Path, duration: float) -> tuple[str, list[TranscriptChunk]]:
+    """Whisper YAML -> (full text, monotonic chunks). Raises BahError naming the file."""
+    data = load_yaml(path)
+    if data is None:
+        return "", []
+    if not isinstance(data, dict):
+        raise BahError(f"{path}: expected a mapping with 'text' and 'chunks'")
+    text = data.get("text") or ""
+    chunks = data.get("chunks") or []
+    if not isinstance(text, str) or not isinstance(chunks, list):
+        raise BahError(f"{path}: 'text' must be a string and 'chunks' a list")
+    raw: list[tuple[str, float, float | None]] = []
+    for i, chunk in enumerate(chunks):
+        try:
+            ts = chunk["timestamp"]
+            start, end = ts
+            raw.append((str(chunk.get("text") or ""), float(start), None if end is None else float(end)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BahError(f"{path}: chunk {i} has no valid (start, end) timestamp") from exc
+    return text.strip(), monotonic_chunks(raw, duration)
