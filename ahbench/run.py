@@ -23,7 +23,7 @@ from ahbench.top2 import bench_top2_epoch
 from extract.provenance import provenance
 from extract.run import PHASES
 
-# BAH (paper Table 2 and BAH_LAYOUT.md): 778 train videos with K=8 windows, 124+525+161 others with N=5.
+# BAH (paper Table 2 and docs/BAH_LAYOUT.md): 778 train videos with K=8 windows, 124+525+161 others with N=5.
 BAH_CLIPS = 778 * 8 + (124 + 525 + 161) * 5
 BAH_AUDIO_SECONDS = 10.6 * 3600
 BAH_VIDEOS = 1427 + 161

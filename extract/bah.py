@@ -1,4 +1,4 @@
-"""The BAH tree (see shared/BAH_LAYOUT.md) -> typed `Video` records, plus a list of `Problem`s.
+"""The BAH tree (see docs/BAH_LAYOUT.md) -> typed `Video` records, plus a list of `Problem`s.
 
 Quirks handled: spaces and the DESKTOP suffix in ids, raw commas in transcripts (split with maxsplit=2),
 private split lines with or without the placeholder label, BOM and CRLF (read, and reported as non-fatal

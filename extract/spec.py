@@ -34,26 +34,29 @@ class WindowSpec:
 
 
 @dataclass(frozen=True)
-class VideoSpec:
+class EncoderSpec:
+    model: str = ""                  # a hub id or a local folder in HF format
+    revision: str | None = None      # a hub revision (branch, tag or commit)
+
+
+@dataclass(frozen=True)
+class VideoSpec(EncoderSpec):
     model: str = "MCG-NJU/videomae-base"
-    revision: str | None = None
     size: int = 224
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class AudioSpec:
+class AudioSpec(EncoderSpec):
     model: str = "facebook/hubert-base-ls960"
-    revision: str | None = None
     sample_rate: int = 16000
     segment_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
-class TextSpec:
+class TextSpec(EncoderSpec):
     model: str = "SamLowe/roberta-base-go_emotions"
-    revision: str | None = None
     max_tokens: int = 512
     window_aligned: bool = True
 

@@ -1,4 +1,4 @@
-"""A synthetic BAH dataset in EXACTLY the real layout (shared/BAH_LAYOUT.md), with planted cross-modal signals.
+"""A synthetic BAH dataset in EXACTLY the real layout (docs/BAH_LAYOUT.md), with planted cross-modal signals.
 
 Layout written under OUT:
   data/Videos/<pid>/Visite_1/<name>.mp4            H.264 (or MPEG-4 part 2) 96x96 video + AAC audio track

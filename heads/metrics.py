@@ -1,4 +1,4 @@
-"""The BAH challenge metrics, as the organisers' bah_metrics.py computes them (see BAH_LAYOUT.md).
+"""The BAH challenge metrics, as the organisers' bah_metrics.py computes them (see docs/BAH_LAYOUT.md).
 
 - Macro F1 (the ranking metric): mean of the F1 of class 0 (No A/H) and class 1 (A/H).
 - F1 of each class, weighted F1, accuracy, the row-normalised confusion matrix (rows: truth, columns:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -94,6 +94,13 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     heads = [p for p in model.parameters() if p.requires_grad and id(p) not in top_ids]
     blocks = [p for p in tops.parameters() if p.requires_grad]
     return [{"params": heads, "lr": cfg.lr}, {"params": blocks, "lr": cfg.lr * cfg.encoder_lr_scale}]
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, n_train: int, device: torch.device):
+    """AdamW over the model's parameter groups and the cosine schedule over every step of cfg.epochs."""
+    opt = make_optimizer(param_groups(model, cfg), cfg, device)
+    total_steps = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, cfg.accum)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1), eta_min=cfg.lr_min)
 
 
 def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -225,9 +232,7 @@ def fit(
     if device.type == "cpu":
         keep_freed_memory()
     model = learner.model.to(device)
-    opt = make_optimizer(param_groups(model, cfg), cfg, device)
-    total_steps = cfg.epochs * steps_per_epoch(n_train, cfg.batch_size, cfg.accum)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1), eta_min=cfg.lr_min)
+    opt, sched = _optimizer(model, cfg, n_train, device)
     st = TrainState()
     best_weights: dict[str, Tensor] | None = None
 
@@ -254,18 +259,10 @@ def fit(
                 train_loss = _train_epoch(learner, opt, sched, n_train, cfg, epoch, pw, w, device, on_step)
                 rec, val_metrics = _validate(learner.val_logits(model), learner.val_labels, cfg, pw, w, alpha,
                                              epoch, train_loss, sched.get_last_lr()[0])
-                st.epoch = epoch
-                st.history.append(asdict(rec))
-                improved = rec.val_macro_f1 > st.best_f1
-                if improved:
-                    st.best_epoch, st.best_f1, st.best_threshold = epoch, rec.val_macro_f1, rec.threshold
-                    st.best_metrics = val_metrics
-                    st.bad_epochs = 0
+                if st.record(rec, val_metrics):
                     if writer is not None:
                         writer.wait()                  # the best buffers may still be being written
                     best_weights = best_bufs.capture(model.state_dict())
-                else:
-                    st.bad_epochs += 1
                 stopped_early = st.bad_epochs >= cfg.patience
                 st.seconds += time.perf_counter() - t0
                 progress.epoch = epoch

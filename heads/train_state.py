@@ -1,7 +1,7 @@
 """The records of a training run: one epoch's numbers, the result, progress, and the state a resume needs."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
@@ -65,3 +65,15 @@ class TrainState:
     bad_epochs: int = 0
     history: list = field(default_factory=list)
     seconds: float = 0.0
+
+    def record(self, rec: EpochRecord, val_metrics: dict) -> bool:
+        """Add a finished epoch; True when it is the best so far (ties keep the earlier epoch)."""
+        self.epoch = rec.epoch
+        self.history.append(asdict(rec))
+        if rec.val_macro_f1 > self.best_f1:
+            self.best_epoch, self.best_f1, self.best_threshold = rec.epoch, rec.val_macro_f1, rec.threshold
+            self.best_metrics = val_metrics
+            self.bad_epochs = 0
+            return True
+        self.bad_epochs += 1
+        return False

@@ -1,4 +1,4 @@
-"""The BAH reader: every quirk of BAH_LAYOUT.md, and every bad input as a Problem while the rest is read."""
+"""The BAH reader: every quirk of docs/BAH_LAYOUT.md, and every bad input as a Problem while the rest is read."""
 from __future__ import annotations
 
 import os

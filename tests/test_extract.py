@@ -1,4 +1,4 @@
-"""Stage 1 end to end (issue 3 acceptance): the cached tokens are the HF models' outputs on the right frames,
+"""Stage 1 end to end : the cached tokens are the HF models' outputs on the right frames,
 audio and text for both backends; a kill -9 of `python -m ahcli extract` resumes to the clean digest;
 torchrun with 2 CPU processes gives the single-process digest; clear one-line errors; determinism and
 provenance. Fixtures (the tree, the tiny encoders, the reference caches) come from tests/conftest.py."""

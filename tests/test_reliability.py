@@ -1,4 +1,4 @@
-"""Issue 7: fault injection (SIGKILL at named moments, both backends), cache integrity and --repair, hostile
+"""Fault injection (SIGKILL at named moments, both backends), cache integrity and --repair, hostile
 input at the extraction level, no code execution on load, and crash safety of training.
 
 Kills use AH_FAULT_AT=<point>:<n> (extract/faults.py): the extraction SIGKILLs itself the n-th time it
@@ -355,7 +355,7 @@ def test_hostile_inputs_are_named_and_everything_else_is_extracted(tmp_path, syn
 
 # ---------------------------------------------------------------- 4. loading never executes code
 
-PACKAGES = ("extract", "heads", "ahcli", "ahbench")
+PACKAGES = ("extract", "heads", "ahflows", "ahcli", "ahbench")
 SAFE_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader", "CBaseLoader"}
 UNSAFE_YAML = {"unsafe_load", "full_load", "load_all", "unsafe_load_all", "full_load_all", "Loader", "FullLoader",
                "UnsafeLoader", "CLoader", "CFullLoader", "CUnsafeLoader"}
