@@ -16,11 +16,11 @@ BENCH_ARGS ?= --quick
 
 install: $(BIN)/.installed
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 test: install

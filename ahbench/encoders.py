@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ahbench.flops import hubert_flops, roberta_flops, videomae_clip_flops
+from ahbench.models import full_size_models
 
 
 @dataclass
@@ -19,18 +20,6 @@ class EncoderResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def full_size_models(device: str) -> dict[str, torch.nn.Module]:
-    from transformers import HubertConfig, HubertModel, RobertaConfig, RobertaModel, VideoMAEConfig, VideoMAEModel
-
-    torch.manual_seed(0)
-    models = {
-        "video": VideoMAEModel(VideoMAEConfig(attn_implementation="sdpa")),
-        "audio": HubertModel(HubertConfig(attn_implementation="sdpa")),
-        "text": RobertaModel(RobertaConfig(max_position_embeddings=514, attn_implementation="sdpa"), add_pooling_layer=False),
-    }
-    return {k: m.to(device).eval() for k, m in models.items()}
 
 
 def _time(fn, device: str, repeats: int) -> float:

@@ -2,6 +2,7 @@
 and with instant encoders (the host side alone: decoding, record assembly and cache writes)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import tempfile
@@ -12,37 +13,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ahbench.models import IMAGENET_MEAN, IMAGENET_STD, write_full_size_encoders
 from extract.encoders import audio_segment_lengths
 from extract.run import ExtractOptions, extract
 from extract.spec import ExtractionSpec, load_spec
 from extract.synth import write_synthetic_bah
-from extract.tiny_encoders import tiny_tokenizer
+from extract.vocab import MODALITIES
 
 SPEC = Path(__file__).resolve().parent.parent / "cache_spec.yaml"
-
-
-def write_full_size_encoders(out_dir: Path) -> Path:
-    """VideoMAE-B, HuBERT-B and RoBERTa-B architectures, random weights, HF format; returns a spec path."""
-    import torch
-    from transformers import (HubertConfig, HubertModel, RobertaConfig, RobertaModel, VideoMAEConfig,
-                              VideoMAEImageProcessor, VideoMAEModel, Wav2Vec2FeatureExtractor)
-
-    torch.manual_seed(0)
-    VideoMAEModel(VideoMAEConfig(use_mean_pooling=False)).save_pretrained(out_dir / "video")
-    VideoMAEImageProcessor().save_pretrained(out_dir / "video")
-    HubertModel(HubertConfig()).save_pretrained(out_dir / "audio")
-    Wav2Vec2FeatureExtractor(return_attention_mask=False).save_pretrained(out_dir / "audio")
-    # A small real BPE vocabulary: the embedding table shrinks, the transformer's FLOPs do not.
-    vocab = tiny_tokenizer(out_dir / "text")
-    RobertaModel(RobertaConfig(vocab_size=vocab, max_position_embeddings=514, type_vocab_size=1,
-                               pad_token_id=1, bos_token_id=0, eos_token_id=2),
-                 add_pooling_layer=False).save_pretrained(out_dir / "text")
-    text = SPEC.read_text(encoding="utf-8")
-    for modality, hub in (("video", "MCG-NJU/videomae-base"), ("audio", "facebook/hubert-base-ls960"),
-                          ("text", "SamLowe/roberta-base-go_emotions")):
-        text = text.replace(f"model: {hub}", f"model: ./{modality}")
-    (out_dir / "cache_spec.yaml").write_text(text, encoding="utf-8")
-    return out_dir / "cache_spec.yaml"
 
 
 class InstantEncoders:
@@ -52,6 +30,9 @@ class InstantEncoders:
     def __init__(self, spec: ExtractionSpec, dim: int = 768, patch: int = 16, tubelet: int = 2):
         from transformers import HubertConfig
 
+        # The full-size models' preprocessing, as extraction would resolve it from their processors.
+        video = dataclasses.replace(spec.video, size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        spec = dataclasses.replace(spec, video=video).with_weights_id({m: "instant" for m in MODALITIES})
         self.spec, self.dim = spec, dim
         self.video_tokens = (spec.windows.frames // tubelet) * (spec.video.size // patch) ** 2
         self.audio_config = HubertConfig()
@@ -61,7 +42,10 @@ class InstantEncoders:
         return {layer: torch.zeros(*shape, self.dim, dtype=self.dtype) for layer in self.spec.layers}
 
     def weights_id(self) -> dict[str, str]:
-        return {m: "instant" for m in ("video", "audio", "text")}
+        return dict(self.spec.weights_id)
+
+    def loading_report(self) -> dict[str, list[str]]:
+        return {m: [] for m in MODALITIES}
 
     def encode_video(self, clips) -> dict[str, torch.Tensor]:
         return self._out(len(clips), self.video_tokens)
@@ -90,7 +74,7 @@ def bench_extraction(device: str, videos: int, workers: int, batch_size: int = 1
     the main loop's time went. `instant`: InstantEncoders instead of the full-size models (host side alone)."""
     tmp = Path(tempfile.mkdtemp(prefix="ahbench-extract-"))
     try:
-        spec = SPEC if instant else write_full_size_encoders(tmp / "encoders")
+        spec = SPEC if instant else write_full_size_encoders(tmp / "encoders", SPEC)
         encoders = InstantEncoders(load_spec(spec)) if instant else None
         write_synthetic_bah(tmp / "synth", videos=videos, seed=0, private=0)
         opts = ExtractOptions(device=device, workers=workers, batch_size=batch_size, progress=False)

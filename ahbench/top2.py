@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ahbench.models import full_size_models
 from ahflows.raw_media import ragged_tokens, truncate_top
 from extract.encoders import conv_output_length
 from heads.config import ModelConfig, TrainConfig
@@ -40,26 +41,13 @@ TEXT_TOKENS = 512
 N_TOP = 2
 
 
-def _models() -> dict[str, nn.Module]:
-    from transformers import HubertConfig, HubertModel, RobertaConfig, RobertaModel, VideoMAEConfig, VideoMAEModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return {
-            "video": VideoMAEModel(VideoMAEConfig(use_mean_pooling=False, attn_implementation="sdpa")),
-            "audio": HubertModel(HubertConfig(attn_implementation="sdpa")),
-            "text": RobertaModel(RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
-                                               pad_token_id=1, attn_implementation="sdpa"), add_pooling_layer=False),
-        }
-
-
 class _Setup:
     """The two paths' modules and inputs on one device."""
 
     def __init__(self, device: torch.device, batch: int):
 
         self.device, self.batch = device, batch
-        models = _models()
+        models = full_size_models()
         tops = nn.ModuleDict({m: TopBlocks(model, m, N_TOP).requires_grad_(True) for m, model in models.items()})
         self.lower = {m: truncate_top(model, m, N_TOP).eval().requires_grad_(False).to(device)
                       for m, model in models.items()}

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from extract.encoders import load_backbone
+from extract.loading import load_backbone
 from extract.spec import ExtractionSpec
 from heads.config import ConfigError, ModelConfig, TrainConfig
 from heads.data import SplitData

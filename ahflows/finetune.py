@@ -94,7 +94,7 @@ def prepare_finetune(data_root: str | Path, spec_path: str | Path, model_options
     device = resolve_device(cfg.device)
     mods = parse_modalities(str(model_options.get("modalities", "vat")))
     lower = LowerEncoders(spec, mods, cfg.unfreeze_top, device)
-    spec = spec.with_weights_id(lower.weights_id())
+    spec = lower.spec
     model_cfg = ModelConfig(input_dims=dict(lower.dims), **model_options)
     core = TopBlocksHeads(lower.tops, build_model(model_cfg, seed=cfg.seed))
     lower.tops = None                              # the trainable copy now lives in `core` only

@@ -211,7 +211,7 @@ def predict_recording(runs: Sequence[Path], mp4: Path, spec_path: Path, *, faces
         raise PredictError(f"--windows {windows}: must be >= 1")
     spec = load_spec(spec_path)
     enc = encoders if encoders is not None else load_encoders(spec, device="cpu")
-    spec = spec.with_weights_id(enc.weights_id())
+    spec = enc.spec
     fingerprint = spec.fingerprint()
     run_dirs, ens_threshold = expand_runs(runs)
     loaded = [load_run(r, device="cpu") for r in run_dirs]

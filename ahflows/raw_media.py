@@ -8,7 +8,9 @@ cache's window starts, for caches without 'prefix' states (`ahcli evaluate RUN C
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -19,11 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from extract.bah import Video, read_bah
 from extract.decode import decode_windows
-from extract.encoders import (audio_forward, audio_segment_lengths, load_backbone, load_preprocessor, text_segments,
-                              texts_forward, video_forward, weights_id_of)
+from extract.encoders import audio_forward, audio_segment_lengths, text_segments, texts_forward, video_forward
+from extract.loading import load_backbone, load_preprocessor, resolve_spec, weights_id_of
 from extract.errors import AHError
 from extract.run import window_count
 from extract.spec import ExtractionSpec
+from extract.stopping import quiet_worker
 from extract.store import CacheReader
 from extract.vocab import LAST, MODALITIES
 from extract.windows import window_starts
@@ -63,10 +66,8 @@ class LowerEncoders:
     """The frozen lower part of each encoder of a spec, plus (once, at load) a trainable copy of the top n
     blocks taken from the same weights. `prefix(items)` gives the prefix Tokens of decoded items."""
 
-    def __init__(self, spec, modalities: Sequence[str], n: int, device: str | torch.device = "cpu",
+    def __init__(self, spec: ExtractionSpec, modalities: Sequence[str], n: int, device: str | torch.device = "cpu",
                  keep_tops: bool = True):
-
-        self.spec = spec
         self.n = int(n)
         self.device = torch.device(device)
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
@@ -74,6 +75,9 @@ class LowerEncoders:
         self.tops = nn.ModuleDict() if keep_tops else None
         self.hf_configs: dict[str, dict] = {}
         self.dims: dict[str, int] = {}
+        self.extractor = load_preprocessor(spec, "audio")
+        self.tokenizer = load_preprocessor(spec, "text")
+        spec = resolve_spec(spec, {"audio": self.extractor, "text": self.tokenizer})
         for m in self.modalities:
             model = load_backbone(spec, m)
             if self.tops is not None:
@@ -81,13 +85,12 @@ class LowerEncoders:
             self.hf_configs[m] = hf_config_dict(model)
             self.dims[m] = int(model.config.hidden_size)
             self.models[m] = truncate_top(model, m, self.n).eval().requires_grad_(False).to(self.device)
-        self.extractor = load_preprocessor(spec, "audio") if "audio" in self.modalities else None
-        self.tokenizer = load_preprocessor(spec, "text") if "text" in self.modalities else None
+        # The resolved spec with the weight ids of all three encoders, as extraction records them (so the
+        # fingerprints agree).
+        self.spec = spec.with_weights_id({m: weights_id_of(spec, m, self.models.get(m)) for m in MODALITIES})
 
     def weights_id(self) -> dict[str, str]:
-        """The weight ids of all three encoders, as extraction records them (so fingerprints agree)."""
-
-        return {m: weights_id_of(self.spec, m, self.models.get(m)) for m in MODALITIES}
+        return dict(self.spec.weights_id)
 
     @torch.no_grad()
     def prefix(self, items: Sequence["RawItem"], text_source: str = "full") -> dict[str, Tokens]:
@@ -188,7 +191,8 @@ def decoded(videos: Sequence, plan: Sequence[tuple[int, list[int]]], spec, modal
             window_text: bool, workers: int) -> Iterator[RawItem]:
     """Decode `plan` [(video row, window starts)] in order, in `workers` processes (0: here)."""
     loader = DataLoader(_DecodeSet(videos, plan, spec, modalities, window_text), batch_size=None, shuffle=False,
-                        num_workers=workers, collate_fn=_first, prefetch_factor=4 if workers > 0 else None)
+                        num_workers=workers, collate_fn=_first, prefetch_factor=4 if workers > 0 else None,
+                        worker_init_fn=partial(quiet_worker, os.getpid()))
     for item in loader:
         if item.error is not None:
             raise RawMediaError(item.error if str(videos[item.row].video_id) in item.error

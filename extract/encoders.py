@@ -11,152 +11,22 @@ end-to-end fine-tuning path runs exactly the same code with gradients on.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
-from typing import Any
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch import nn
 
-from extract.errors import AHError
+from extract.loading import (EncoderError, load_backbone, load_preprocessor, resolve_spec, text_token_limit,
+                             weights_id_of)
 from extract.spec import ExtractionSpec
 from extract.vocab import MODALITIES
 
 _AUTOCAST_DTYPE = torch.bfloat16
 # Files that define a local encoder's numbers (weights, config, preprocessing, tokenizer).
 _ID_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
-
-
-class EncoderError(AHError):
-    """An encoder that cannot be found, loaded or fed (the message names the model and the problem)."""
-
-
-# ----------------------------------------------------------------------------------------------- loading
-
-
-def _model_spec(spec: ExtractionSpec, modality: str):
-    if modality not in MODALITIES:
-        raise EncoderError(f"unknown modality {modality!r} (expected one of {', '.join(MODALITIES)})")
-    return getattr(spec, modality)
-
-
-def _is_local(model: str) -> bool:
-    p = Path(model).expanduser()
-    return p.is_absolute() or model.startswith((".", "~")) or p.exists()
-
-
-def _check_local(model: str, modality: str) -> Path:
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise EncoderError(f"{path}: {modality} encoder folder not found")
-    if not (path / "config.json").is_file():
-        raise EncoderError(f"{path}: no config.json in the {modality} encoder folder")
-    return path
-
-
-def _source(spec: ExtractionSpec, modality: str) -> tuple[str, dict[str, Any]]:
-    """The `from_pretrained` name and its revision kwargs; local folders are checked first."""
-    ms = _model_spec(spec, modality)
-    if _is_local(ms.model):
-        return str(_check_local(ms.model, modality)), {}
-    return ms.model, ({"revision": ms.revision} if ms.revision else {})
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__
-
-
-@contextmanager
-def quiet_loading():
-    """No per-file progress bars or info chatter from transformers while loading/writing encoders."""
-    from transformers.utils import logging as hf_logging
-
-    bar, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
-def _from_pretrained(loader, name: str, modality: str, **kwargs):
-    try:
-        with quiet_loading():
-            return loader.from_pretrained(name, **kwargs)
-    except EncoderError:
-        raise
-    except Exception as exc:  # transformers raises OSError/ValueError/KeyError...; one line for the user
-        raise EncoderError(f"{name}: cannot load the {modality} encoder ({_first_line(exc)})") from exc
-
-
-def load_backbone(spec: ExtractionSpec, modality: str, device: str | torch.device = "cpu") -> nn.Module:
-    """The HF model of one modality: fp32, SDPA attention where supported, eval mode, all weights frozen."""
-    from transformers import AutoModel
-
-    name, kw = _source(spec, modality)
-    kw = dict(kw, dtype=torch.float32)
-    if modality == "text":
-        kw["add_pooling_layer"] = False  # only the token sequence is used; a classifier checkpoint has no pooler
-    try:
-        model = _from_pretrained(AutoModel, name, modality, attn_implementation="sdpa", **kw)
-    except EncoderError as exc:
-        if "sdpa" not in str(exc).lower() and "attn" not in str(exc).lower():
-            raise
-        model = _from_pretrained(AutoModel, name, modality, **kw)  # architecture without SDPA: default attention
-    model.eval().requires_grad_(False)
-    _check_model(spec, modality, model, name)
-    return model.to(device)
-
-
-def _check_model(spec: ExtractionSpec, modality: str, model: nn.Module, name: str) -> None:
-    cfg = model.config
-    n_layers = int(cfg.num_hidden_layers)
-    if "prefix" in spec.layers and not 1 <= spec.unfreeze_top <= n_layers:
-        raise EncoderError(f"{name}: unfreeze_top {spec.unfreeze_top} is not in 1..{n_layers} (its layer count)")
-    if modality == "video":
-        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-        if size != spec.video.size:
-            raise EncoderError(f"{name}: video.size {spec.video.size} does not match the model's image_size {size}")
-        if cfg.num_frames != spec.windows.frames:
-            raise EncoderError(
-                f"{name}: windows.frames {spec.windows.frames} does not match the model's num_frames {cfg.num_frames}"
-            )
-
-
-def load_preprocessor(spec: ExtractionSpec, modality: str):
-    """The tokenizer (text), feature extractor (audio) or None (video: normalised in torch from the spec)."""
-    from transformers import AutoFeatureExtractor, AutoTokenizer
-
-    if modality == "video":
-        return None
-    name, kw = _source(spec, modality)
-    if modality == "audio":
-        return _from_pretrained(AutoFeatureExtractor, name, modality, **kw)
-    return _from_pretrained(AutoTokenizer, name, modality, **kw)
-
-
-def weights_id_of(spec: ExtractionSpec, modality: str, model: nn.Module | None = None) -> str:
-    """sha256 over a local folder's files (weights, config, tokenizer) or 'hub-id@revision'."""
-    name, kw = _source(spec, modality)
-    if _is_local(_model_spec(spec, modality).model):
-        digest = hashlib.sha256()
-        for path in sorted(Path(name).iterdir()):
-            if path.is_file() and path.suffix in _ID_SUFFIXES and not path.name.startswith("."):
-                digest.update(path.name.encode() + b"\0")
-                with path.open("rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 22), b""):
-                        digest.update(block)
-        return "sha256:" + digest.hexdigest()
-    commit = kw.get("revision") or getattr(getattr(model, "config", None), "_commit_hash", None) or "main"
-    return f"{name}@{commit}"
 
 
 # ---------------------------------------------------------------------------------------------- forwards
@@ -245,14 +115,6 @@ def audio_forward(model, extractor, spec: ExtractionSpec, wave, layers: Sequence
     return {key: torch.cat(chunks, dim=0) for key, chunks in parts.items()}
 
 
-def text_token_limit(tokenizer, spec: ExtractionSpec) -> int:
-    limit = int(spec.text.max_tokens)
-    model_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(model_max, int) and 0 < model_max < 1_000_000:
-        limit = min(limit, model_max)
-    return limit
-
-
 def text_segments(tokenizer, spec: ExtractionSpec, text: str) -> list[list[int]]:
     """Token ids of each segment (special tokens included, each at most the token limit); never empty."""
     ids = tokenizer(text or "", add_special_tokens=False, verbose=False)["input_ids"]
@@ -316,19 +178,22 @@ class FrozenEncoders:
     """The three frozen encoders of a spec; every encode_* returns float32 CPU tensors per stored layer."""
 
     def __init__(self, spec: ExtractionSpec, device: str | torch.device = "cpu"):
-        self.spec = spec
+        procs = {m: load_preprocessor(spec, m) for m in MODALITIES}
+        self.extractor, self.tokenizer = procs["audio"], procs["text"]
+        spec = resolve_spec(spec, procs)
         self.device = torch.device(device)
         self.layers = tuple(spec.layers)
         self.models = {m: load_backbone(spec, m, self.device) for m in MODALITIES}
-        self.extractor = load_preprocessor(spec, "audio")
-        self.tokenizer = load_preprocessor(spec, "text")
         self.dims: dict[str, int] = {m: int(self.models[m].config.hidden_size) for m in MODALITIES}
-        self._weights_id: dict[str, str] | None = None
+        # The resolved spec: preprocessing from the models, weights identified by content (the fingerprint).
+        self.spec = spec.with_weights_id({m: weights_id_of(spec, m, self.models[m]) for m in MODALITIES})
 
     def weights_id(self) -> dict[str, str]:
-        if self._weights_id is None:
-            self._weights_id = {m: weights_id_of(self.spec, m, self.models[m]) for m in MODALITIES}
-        return dict(self._weights_id)
+        return dict(self.spec.weights_id)
+
+    def loading_report(self) -> dict[str, list[str]]:
+        """Per modality, the checkpoint weights that were skipped as known-unused (recorded in the manifest)."""
+        return {m: list(model.unused_weights) for m, model in self.models.items()}
 
     def _autocast(self):
         if self.device.type == "cuda":

@@ -239,9 +239,9 @@ def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOpt
         device = f"cuda:{dist.local_rank}"
     dataset = read_bah(data_root, private_root=opts.private_root, splits=opts.splits, allow_symlinks=opts.allow_symlinks)
     encoders = encoders if encoders is not None else load_encoders(spec, device=device)
-    spec = spec.with_weights_id(encoders.weights_id())
+    spec = encoders.spec                      # resolved: preprocessing from the models, weights by content
     # CPU results depend on the intra-op thread count (HuBERT's convolutions): recorded with the versions.
-    prov = {**provenance(), "torch_threads": torch.get_num_threads()}
+    prov = {**provenance(), "torch_threads": torch.get_num_threads(), "unused_weights": encoders.loading_report()}
     # Rank 0 creates (or wipes) the cache before the others open it.
     writer = CacheWriter(cache_path, spec, prov, force=opts.force) if dist.rank == 0 else None
     _barrier(dist)

@@ -42,9 +42,12 @@ class EncoderSpec:
 @dataclass(frozen=True)
 class VideoSpec(EncoderSpec):
     model: str = "MCG-NJU/videomae-base"
-    size: int = 224
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    # None: taken from the model's image processor (extract.encoders.resolve_spec); a value the processor
+    # disagrees with is refused unless override_processor is true.
+    size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    override_processor: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,17 +77,26 @@ class ExtractionSpec:
     video: VideoSpec = field(default_factory=VideoSpec)
     audio: AudioSpec = field(default_factory=AudioSpec)
     text: TextSpec = field(default_factory=TextSpec)
-    # Filled in after the encoders are resolved: modality -> weights hash or "hub-id@revision".
+    # Filled in after the encoders are resolved: modality -> weights hash or "hub-id@revision", and what
+    # the models' own preprocessors say (resampling, audio normalisation, the tokenizer's length limit).
     weights_id: tuple[tuple[str, str], ...] = ()
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def numeric_fields(self) -> dict[str, Any]:
-        """Everything that changes the stored numbers (the backend and compression do not)."""
+        """Everything that changes the stored numbers (the backend and compression do not). Once the weights
+        are identified by content (weights_id), where they lie does not count: a cache and its runs stay
+        valid when the encoder folders move."""
         d = self.to_dict()
         d.pop("backend")
         d.pop("compress")
+        d["video"].pop("override_processor")
+        if self.weights_id:
+            for modality in ("video", "audio", "text"):
+                d[modality].pop("model")
+                d[modality].pop("revision")
         return d
 
     def fingerprint(self) -> str:
@@ -169,8 +181,10 @@ def validate(spec: ExtractionSpec) -> None:
         raise SpecError("windows: frames, train and eval must all be >= 1")
     if spec.unfreeze_top < 1:
         raise SpecError("unfreeze_top: must be >= 1")
-    if len(spec.video.mean) != 3 or len(spec.video.std) != 3:
+    if any(v is not None and len(v) != 3 for v in (spec.video.mean, spec.video.std)):
         raise SpecError("video: mean and std need 3 values (RGB)")
+    if spec.video.size is not None and spec.video.size < 1:
+        raise SpecError("video: size must be >= 1")
 
 
 def load_spec(path: str | Path) -> ExtractionSpec:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from extract.encoders import EncoderError, audio_segment_bounds, conv_output_length, load_backbone, load_encoders, normalize_clips
+from extract.encoders import audio_segment_bounds, conv_output_length, load_encoders, normalize_clips
+from extract.loading import EncoderError, load_backbone, resolve_spec
 from heads.topblocks import TopBlocks, TopBlocksError, block_parts, segment_ids
 from extract.tiny_encoders import write_tiny_encoders
 from extract.spec import load_spec
@@ -54,7 +55,8 @@ def test_tiny_spec_points_at_the_tiny_folders(tiny_spec_path, spec):
         assert Path(getattr(spec, m).model) == (root / m).resolve()
         assert (root / m / "config.json").is_file() and (root / m / "model.safetensors").is_file()
     assert (root / "text" / "tokenizer.json").is_file()
-    assert spec.layers == ("last", "prefix") and spec.video.size == 32 and spec.unfreeze_top == N_TOP
+    assert spec.layers == ("last", "prefix") and spec.unfreeze_top == N_TOP
+    assert spec.video.size is None and resolve_spec(spec).video.size == 32     # from the model's processor
 
 
 def test_tiny_is_seeded(tmp_path, tiny_spec_path):
@@ -115,7 +117,8 @@ def test_normalize_equals_videomae_processor(spec):
     clips = _rand_clips(2, seed=1)
     proc = VideoMAEImageProcessor.from_pretrained(spec.video.model)
     ref = proc([list(c) for c in clips], return_tensors="pt")["pixel_values"]  # no resize needed at size 32
-    ours = normalize_clips(clips, spec.video.mean, spec.video.std, "cpu")
+    video = resolve_spec(spec).video
+    ours = normalize_clips(clips, video.mean, video.std, "cpu")
     assert ours.shape == ref.shape == (2, 16, 3, 32, 32)
     torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)
 

@@ -19,7 +19,7 @@ import torch
 
 from conftest import BACKENDS, REPO, cli_env, extract_args
 from extract.bah import read_bah
-from extract.encoders import weights_id_of
+from extract.loading import resolve_spec, weights_id_of
 from extract.media import read_audio, read_faces
 from extract.spec import load_spec
 from extract.store import CacheReader
@@ -49,6 +49,7 @@ class _Reference:
         folder = spec_path.parent
         self.video = AutoModel.from_pretrained(folder / "video").eval()
         self.image_processor = AutoImageProcessor.from_pretrained(folder / "video")
+        self.size = int(self.image_processor.crop_size["height"])       # the frames' side, as the model wants
         self.audio = AutoModel.from_pretrained(folder / "audio").eval()
         self.feature_extractor = AutoFeatureExtractor.from_pretrained(folder / "audio")
         self.text = AutoModel.from_pretrained(folder / "text", add_pooling_layer=False).eval()
@@ -108,7 +109,7 @@ def expected_tokens(synth_tree, reference) -> dict[str, dict]:
             count = spec.windows.train if video.split == "train" else spec.windows.eval
             starts = window_starts(video.video_id, video.frame_count, count, 16, spec.seed)
             want = {"video": video, "starts": starts}
-            for layer, arr in reference.video_clips(_clips(video, starts, spec.video.size)).items():
+            for layer, arr in reference.video_clips(_clips(video, starts, reference.size)).items():
                 want[f"video/{layer}"] = arr
             for layer, arr in reference.audio_wave(read_audio(video.mp4, 16000)).items():
                 want[f"audio/{layer}"] = arr
@@ -126,7 +127,7 @@ def expected_tokens(synth_tree, reference) -> dict[str, dict]:
         moved = [s + 1 if s + 16 < video.frame_count else s - 1
                  for s in window_starts(video.video_id, video.frame_count, count, 16, spec.seed)]
         out["_moved"] = {"video_id": video.video_id,
-                         "video/last": reference.video_clips(_clips(video, moved, spec.video.size))["last"]}
+                         "video/last": reference.video_clips(_clips(video, moved, reference.size))["last"]}
     finally:
         torch.set_num_threads(threads)
     return out
@@ -268,7 +269,7 @@ def test_same_spec_and_seed_give_bit_identical_caches_with_provenance(ref_caches
             assert a.arrays[name].tobytes() == b.arrays[name].tobytes(), (v, name)
 
     spec = load_spec(tiny_specs["zarr"])
-    spec = spec.with_weights_id({m: weights_id_of(spec, m) for m in ("video", "audio", "text")})
+    spec = resolve_spec(spec).with_weights_id({m: weights_id_of(spec, m) for m in ("video", "audio", "text")})
     has_git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode == 0
 
     def known_commit(sha: str) -> bool:  # a commit of this repository (HEAD may move while the tests run)

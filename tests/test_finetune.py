@@ -125,12 +125,14 @@ def test_lower_blocks_plus_top_blocks_equal_the_whole_fine_tuned_encoder(world):
     """The end-to-end path (frozen lower blocks, then the trained top blocks) is the HF encoder whose top
     blocks hold the trained weights: its last_hidden_state, long audio and text in segments included."""
     from extract.bah import read_bah
-    from extract.encoders import audio_forward, load_backbone, text_forward, video_forward
+    from extract.encoders import audio_forward, text_forward, video_forward
+    from extract.loading import load_backbone
     from extract.spec import load_spec
     from ahflows.raw_media import LowerEncoders, decode
 
     spec = load_spec(world["spec"])
     lower = LowerEncoders(spec, ("video", "audio", "text"), N_TOP)
+    spec = lower.spec                  # resolved: the video size and normalisation from the model's processor
     _perturb(lower.tops, seed=7)
     core = _core(lower, "vat")
     video = next(v for v in read_bah(world["data"]).videos if v.split == "val")

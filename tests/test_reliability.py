@@ -389,9 +389,11 @@ def _unsafe_calls(path: Path) -> list[str]:
     src = path.read_text(encoding="utf-8")
     module = ast.parse(src)
     out = [f"{path}:{line}: {name}" for line, name in _code_names(src)
-           if "pickle" in name.lower() and name != "allow_pickle" or name in ("dill", "joblib", "shelve", "marshal")
-           or name == "trust_remote_code"]
+           if "pickle" in name.lower() and name != "allow_pickle" or name in ("dill", "joblib", "shelve", "marshal")]
     for node in ast.walk(module):
+        if isinstance(node, ast.keyword) and node.arg == "trust_remote_code" and not (
+                isinstance(node.value, ast.Constant) and node.value.value is False):
+            out.append(f"{path}:{node.value.lineno}: trust_remote_code")     # only an explicit False is safe
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "yaml" \
                 and node.attr in UNSAFE_YAML:
             out.append(f"{path}:{node.lineno}: yaml.{node.attr}")
