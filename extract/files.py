@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import re
 import shutil
 import socket
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
+
+import yaml
 
 from extract.errors import AHError
 from extract.faults import fault_point
@@ -128,3 +131,56 @@ def read_json_object(path: Path, error: type[AHError] = AHError, what: str = "fi
     if not isinstance(obj, dict):
         raise error(f"{path}: {what} must be a JSON object, not {type(obj).__name__}")
     return obj
+
+
+# ---- YAML -----------------------------------------------------------------------------------------------
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """SafeLoader that builds `!!python/tuple` as a tuple (Whisper's transcripts use it) and refuses aliases
+    (no alias-expansion bombs)."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.get_event()
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{event.anchor}) are refused",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+_SafeLoader.add_constructor("tag:yaml.org,2002:python/tuple",
+                            lambda loader, node: tuple(loader.construct_sequence(node)))
+
+
+def regular_file(path: Path, error: type[AHError], what: str = "file") -> int:
+    """The size of `path`, refusing anything but a regular file (a FIFO or a device would block or never end)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: the {what} is not a regular file")
+    return st.st_size
+
+
+def read_yaml(path: Path, error: type[AHError], what: str = "YAML file", max_bytes: int | None = None) -> Any:
+    """Parse a YAML file safely: a regular file of at most `max_bytes`, no aliases, any parser failure
+    (deep nesting, a bad tag value) one `error` line naming the file."""
+    path = Path(path)
+    size = regular_file(path, error, what)
+    if max_bytes is not None and size > max_bytes:
+        raise error(f"{path}: {size} bytes, over the {max_bytes}-byte limit for this {what}")
+    try:
+        with open(path, "rb") as fh:
+            loader = _SafeLoader(fh)             # what yaml.load does, with the loader above
+            try:
+                return loader.get_single_data()
+            finally:
+                loader.dispose()
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split())
+        raise error(f"{path}: {what} does not parse ({first[:200]})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read the {what} ({exc})") from exc
+    except (RecursionError, ValueError, TypeError, OverflowError, AttributeError) as exc:   # PyYAML constructors
+        raise error(f"{path}: {what} does not parse ({exc.__class__.__name__}: {str(exc)[:200]})") from exc

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from extract.errors import AHError
+from extract.files import regular_file
 
 
 class MediaError(AHError):
@@ -34,7 +35,7 @@ class MediaInfo:
 def _open(mp4: Path) -> av.container.InputContainer:
     mp4 = Path(mp4)
     try:
-        if mp4.stat().st_size == 0:
+        if regular_file(mp4, MediaError, "media file") == 0:
             raise MediaError(f"{mp4}: empty file (0 bytes)")
         return av.open(str(mp4), mode="r")
     except MediaError:
@@ -84,6 +85,7 @@ def probe(mp4: Path) -> MediaInfo:
 
 
 def _load_rgb(path: Path, size: int) -> np.ndarray:
+    regular_file(path, MediaError, "image")         # a FIFO or a device in place of a frame would block
     try:
         with Image.open(path) as img:
             img.load()  # decode now so truncated/corrupt data raises here, not later

@@ -9,15 +9,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from extract.errors import AHError
+from extract.files import read_yaml
 from extract.vocab import LAYERS
 
+MAX_SPEC_BYTES = 1 << 20
 BACKENDS = ("zarr", "hdf5")
 DTYPES = ("float16", "float32")
 
@@ -181,6 +182,10 @@ def validate(spec: ExtractionSpec) -> None:
         raise SpecError("windows: frames, train and eval must all be >= 1")
     if spec.unfreeze_top < 1:
         raise SpecError("unfreeze_top: must be >= 1")
+    for name, value in (("audio.sample_rate", spec.audio.sample_rate), ("audio.segment_seconds", spec.audio.segment_seconds),
+                        ("text.max_tokens", spec.text.max_tokens)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise SpecError(f"{name}: must be a positive number, got {value!r}")
     if any(v is not None and len(v) != 3 for v in (spec.video.mean, spec.video.std)):
         raise SpecError("video: mean and std need 3 values (RGB)")
     if spec.video.size is not None and spec.video.size < 1:
@@ -189,12 +194,9 @@ def validate(spec: ExtractionSpec) -> None:
 
 def load_spec(path: str | Path) -> ExtractionSpec:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SpecError(f"{path}: spec file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+    data = read_yaml(path, SpecError, "spec", max_bytes=MAX_SPEC_BYTES)
     try:
         return spec_from_dict(data, base_dir=path.parent.resolve())
     except (SpecError, TypeError) as exc:

@@ -5,9 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from extract.errors import AHError
+from extract.files import read_yaml
 
 MAX_TRANSCRIPT_BYTES = 4 * 1024 * 1024  # a Whisper transcript of a 20-minute video is ~30 kB
 
@@ -24,44 +23,9 @@ class TranscriptChunk:
 
 
 # --------------------------------------------------------------------------------------------- YAML
-class _BahLoader(yaml.SafeLoader):
-    """SafeLoader that builds `!!python/tuple` as a tuple and refuses aliases (no alias expansion bombs)."""
-
-    def compose_node(self, parent, index):  # type: ignore[override]
-        if self.check_event(yaml.AliasEvent):
-            event = self.get_event()
-            raise yaml.composer.ComposerError(
-                None, None, f"YAML aliases (*{event.anchor}) are refused", event.start_mark
-            )
-        return super().compose_node(parent, index)
-
-
-def _construct_tuple(loader: yaml.SafeLoader, node: yaml.Node) -> tuple:
-    return tuple(loader.construct_sequence(node))
-
-
-_BahLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
-
-
 def load_yaml(path: Path, max_bytes: int | None = MAX_TRANSCRIPT_BYTES) -> Any:
-    """Parse a YAML file safely; raises BahError naming the file on size, syntax or alias trouble."""
-    try:
-        size = path.stat().st_size
-        if max_bytes is not None and size > max_bytes:
-            raise BahError(f"{path}: {size} bytes, over the {max_bytes}-byte limit for this file")
-        with open(path, "rb") as fh:
-            loader = _BahLoader(fh)  # what yaml.load does, with our SafeLoader subclass
-            try:
-                return loader.get_single_data()
-            finally:
-                loader.dispose()
-    except BahError:
-        raise
-    except yaml.YAMLError as exc:
-        first = " ".join(str(exc).split())
-        raise BahError(f"{path}: YAML does not parse ({first[:200]})") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BahError(f"{path}: cannot read ({exc})") from exc
+    """Parse a YAML file of the tree safely (extract.files.read_yaml); raises BahError naming the file."""
+    return read_yaml(path, BahError, "YAML", max_bytes)
 
 
 def load_big_yaml(path: Path) -> dict:

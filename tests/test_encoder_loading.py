@@ -156,3 +156,22 @@ def test_moving_the_encoder_folders_keeps_the_fingerprint(report_run_case, tmp_p
         summary = extract(case.data, case.cache, spec, ExtractOptions(device="cpu", workers=0, progress=False))
     assert summary.extracted == 0 and not summary.failed
     assert CacheReader(case.cache).digest() == digest
+
+
+def test_yes_piped_into_extract_runs_no_code_from_a_model_folder(tiny_copy, synth_tree, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, cli_env
+
+    folder = tiny_copy.parent / "video"
+    marker = tmp_path / "code-ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    argv = extract_args(synth_tree[0] / "data", tmp_path / "cache", tiny_copy)
+    p = subprocess.run([sys.executable, "-m", "ahcli", *argv], input="y\n" * 50, capture_output=True, text=True,
+                       timeout=300, env=cli_env(), cwd=REPO)
+    assert p.returncode != 0 and "custom code" in p.stderr
+    assert not marker.exists()

@@ -1,0 +1,75 @@
+"""Bounded work per input: special files are never opened (a FIFO would block forever), YAML is parsed with
+aliases refused and every parser failure as one line naming the file, spec values are validated."""
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from extract.media import MediaError, read_faces
+from extract.spec import SpecError, load_spec
+from extract.transcripts import BahError, parse_transcript
+
+
+@contextmanager
+def no_hang(seconds: int = 10):
+    """Fail (instead of hanging the suite) when the body blocks."""
+    def boom(signum, frame):
+        raise TimeoutError("blocked")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_fifo_in_place_of_a_face_frame_is_refused_without_blocking(tmp_path):
+    good = tmp_path / "frame-0.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(good)
+    fifo = tmp_path / "frame-1.jpg"
+    os.mkfifo(fifo)
+    with no_hang(), pytest.raises(MediaError, match="frame-1.jpg: the image is not a regular file"):
+        read_faces([good, fifo], 8)
+
+
+def test_a_spec_with_a_yaml_alias_bomb_is_refused(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text('a: &a ["x", "x"]\nb: &b [*a, *a]\nc: [*b, *b]\n')
+    with pytest.raises(SpecError, match="aliases .* are refused"):
+        load_spec(spec)
+
+
+def test_a_fifo_spec_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "spec.yaml")
+    with no_hang(), pytest.raises(SpecError, match="not a regular file"):
+        load_spec(tmp_path / "spec.yaml")
+
+
+@pytest.mark.parametrize("bad", ["segment_seconds: 0", "segment_seconds: -1", "sample_rate: 0",
+                                 "segment_seconds: .nan"])
+def test_audio_values_that_would_never_end_are_refused(tmp_path, bad):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"audio:\n  {bad}\n")
+    with pytest.raises(SpecError, match="must be a positive number"):
+        load_spec(spec)
+
+
+def test_a_deeply_nested_transcript_is_one_problem_of_that_file(tmp_path):
+    path = tmp_path / "t.yml"
+    path.write_text("text: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(BahError, match="t.yml: YAML does not parse"):
+        parse_transcript(path, 10.0)
+
+
+def test_an_invalid_timestamp_tag_is_one_problem_of_that_file(tmp_path):
+    path = tmp_path / "t.yml"
+    path.write_text("text: hi\nchunks:\n- {text: hi, timestamp: !!timestamp 'not a date'}\n")
+    with pytest.raises(BahError, match="t.yml: YAML does not parse"):
+        parse_transcript(path, 10.0)
