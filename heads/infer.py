@@ -155,6 +155,14 @@ def run_window_logits(run: Run, data: SplitData, windows: int | None = None, bat
                          layer=cfg.input_layer, text_source=cfg.text_source, batch_size=batch_size, amp=cfg.amp)
 
 
+def unit_interval(name: str, value: float) -> float:
+    """An alpha or a threshold: a finite number in [0, 1] (NaN >= t is always False: every video would be
+    scored 'no A/H' without a word)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise RunError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _no_prefix(run: Run, what: str) -> RunError:
     n = run.train_config.unfreeze_top
     return RunError(f"{run.path}: fine-tuned run (top-{n} encoder blocks) but {what} holds no usable 'prefix' "
@@ -178,7 +186,7 @@ def predict_split(run: Run, data: SplitData, windows: int | None = 5, alpha: flo
                   batch_size: int = 64) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(video_ids, window-averaged blended probabilities, labels with NaN for unlabelled) for a split.
     `alpha` defaults to the run's alpha (forced to 0 without text)."""
-    a = run.alpha if alpha is None else float(alpha)
+    a = run.alpha if alpha is None else unit_interval("alpha", alpha)
     wl = run_window_logits(run, data, windows=windows, batch_size=batch_size, device=device)
     probs = wl.probs(a if run.model_config.has_text else 0.0)
     return list(data.video_ids), probs.numpy().astype(np.float64), data.labels.cpu().numpy().astype(np.float64)
@@ -188,7 +196,7 @@ def evaluate_split(run: Run, data: SplitData, windows: int | None = 5, alpha: fl
                    threshold: float | None = None, device: str | torch.device | None = None) -> dict:
     """Metrics of a run on a labelled split at the run's threshold (or `threshold`)."""
     ids, probs, labels = predict_split(run, data, windows=windows, alpha=alpha, device=device)
-    t = run.threshold if threshold is None else float(threshold)
+    t = run.threshold if threshold is None else unit_interval("threshold", threshold)
     keep = ~np.isnan(labels)
     used = data.max_windows if not windows else min(int(windows), data.max_windows)
     a = (run.alpha if alpha is None else float(alpha)) if run.model_config.has_text else 0.0

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from extract.errors import AHError
 from extract.store import CacheReader
 from heads.config import ConfigError, ModelConfig, TrainConfig
 from heads.model import ConflictAwareModel
-from heads.run_files import (CONFIG_FILE, MODEL_FILE, RunError, check_fingerprint, load_tensors, load_weights,
+from heads.run_files import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunError, check_fingerprint, load_tensors, load_weights,
                              read_config, read_metrics)
 from heads.topblocks import (TOPS_FILE, TopBlocksHeads, cache_prefix_problem, head_model_of, load_tops,
                              tops_from_configs, tops_of)
@@ -71,20 +72,46 @@ def load_run(run_dir: str | Path, cache: CacheReader | None = None, device: str 
     fp = expect_fingerprint if expect_fingerprint is not None else (cache.fingerprint if cache else None)
     check_fingerprint(run_dir, cache_info.get("fingerprint"), fp)
     metrics = read_metrics(run_dir)
+    threshold, alpha = _unit_value(metrics, "threshold", None, run_dir), _unit_value(metrics, "alpha", train_cfg.alpha,
+                                                                                   run_dir)
     weights_path = run_dir / MODEL_FILE
     if not weights_path.is_file():
         raise RunError(f"{run_dir}: {MODEL_FILE} missing")
+    _check_shapes(model_cfg, weights_path)              # before allocating: a hand-edited config cannot blow up
     tensors, _ = load_tensors(weights_path)
     model = ConflictAwareModel(model_cfg)
     load_weights(model, tensors, str(weights_path))
-    run = Run(run_dir, model, model_cfg, train_cfg, float(metrics["threshold"]),
-              float(metrics.get("alpha", train_cfg.alpha)), metrics, cache_info, cfg)
+    run = Run(run_dir, model, model_cfg, train_cfg, threshold, alpha, metrics, cache_info, cfg)
     if train_cfg.unfreeze_top:
         _attach_tops(run)
         if cache is not None:
             run.prefix_cached = cache_prefix_problem(cache.spec, train_cfg.unfreeze_top) is None
     run.model.to(device).eval()
     return run
+
+
+def _unit_value(metrics: dict[str, Any], key: str, default: float | None, run_dir: Path) -> float:
+    """A probability-scale number of metrics.json (threshold, alpha): finite and in [0, 1], or one line."""
+    value = metrics.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise RunError(f"{run_dir / METRICS_FILE}: {key} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_shapes(model_cfg: ModelConfig, weights_path: Path) -> None:
+    """The weight file's tensor shapes against the config's, read from the file's header and a model built on
+    the meta device: nothing is allocated for a config that does not fit its weights."""
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in ConflictAwareModel(model_cfg).state_dict().items()}
+    try:
+        with safe_open(str(weights_path), framework="pt") as fh:
+            have = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise RunError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+    bad = sorted(k for k in want if k in have and want[k] != have[k])
+    if bad:
+        raise RunError(f"{weights_path}: weight {bad[0]} has shape {have[bad[0]]} but the config expects "
+                       f"{want[bad[0]]} (config.json edited?)")
 
 
 def _attach_tops(run: Run) -> None:
