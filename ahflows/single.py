@@ -48,8 +48,8 @@ class CachedVideo:
     def video_ids(self, split: str | None = None) -> list[str]:
         return [self.video_id] if split in (None, self.split) else []
 
-    def record(self, video_id: str, keys: Sequence[str] | None = None) -> VideoRecord:
-        return self.reader.record(video_id, keys)
+    def record(self, video_id: str, keys: Sequence[str] | None = None, check: bool = False) -> VideoRecord:
+        return self.reader.record(video_id, keys, check)
 
 
 class MemoryVideo:
@@ -67,7 +67,8 @@ class MemoryVideo:
     def array_nbytes(self, video_id: str, names: Sequence[str]) -> int:
         return sum(int(self.rec.arrays[k].nbytes) for k in names if k in self.rec.arrays)
 
-    def record(self, video_id: str, keys: Sequence[str] | None = None) -> VideoRecord:
+    def record(self, video_id: str, keys: Sequence[str] | None = None, check: bool = False) -> VideoRecord:
+        """The encoded recording's arrays (just computed: there is no stored checksum to check)."""
         names = list(self.rec.arrays) if keys is None else list(keys)
         missing = [k for k in names if k not in self.rec.arrays]
         if missing:

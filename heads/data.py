@@ -257,8 +257,10 @@ def load_split(
     modalities: Sequence[str] = MODALITIES,
     text_window: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
+    verify: bool = True,
 ) -> SplitData:
-    """Read one split of a `CacheReader` into tensors, once.
+    """Read one split of a `CacheReader` into tensors, once. Every array read is checked for NaN/Inf and,
+    with `verify`, against the checksum stored at extraction (a failure names the video and the repair).
 
     `text_window`: None loads the window-aligned transcript tokens when the cache holds them, True
     requires them, False skips them. The tensors go to `device` ('auto': the GPU when there is one and
@@ -289,10 +291,7 @@ def load_split(
     seg_lengths: dict[str, list[np.ndarray]] = {m: [] for m in seg_keys}
     starts: list[list[int]] = []
     for i, vid in enumerate(ids):
-        rec = reader.record(vid, keys)
-        missing = [k for k in keys if k not in rec.arrays]
-        if missing:
-            raise DataError(f"{_where(reader)}: video {vid!r} lacks cached array(s) {', '.join(missing)}")
+        rec = _checked_record(reader, vid, keys, verify)
         if rec.label is not None:
             labels[i] = float(rec.label)
         for layer in layers:
@@ -327,6 +326,24 @@ def load_split(
             getattr(data, kind)[layer].parts = _parts(seg_lengths[kind])
     target = placement(data.nbytes(), resolve_device(device))
     return data.to(target) if target.type != "cpu" else data
+
+
+REPAIR = "repair it with `ahcli extract DATA CACHE --spec SPEC --repair` (re-extracts only the bad videos)"
+
+
+def _checked_record(reader, vid: str, keys: Sequence[str], verify: bool):
+    """A video's record with every requested array present, finite and (with `verify`) matching its checksum."""
+    try:
+        rec = reader.record(vid, keys, check=verify)
+    except AHError as exc:
+        raise DataError(f"{exc}; {REPAIR}") from exc
+    missing = [k for k in keys if k not in rec.arrays]
+    if missing:
+        raise DataError(f"{_where(reader)}: video {vid!r} lacks cached array(s) {', '.join(missing)}")
+    for k, arr in rec.arrays.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise DataError(f"{_where(reader)}: video {vid!r}: {k} contains NaN or Inf; {REPAIR}")
+    return rec
 
 
 def _check_memory(reader, split: str, need: int) -> None:
@@ -429,4 +446,4 @@ def _torch_dtype(np_dtype) -> torch.dtype:
 
 
 def _where(reader) -> str:
-    return str(getattr(reader, "path", "cache"))
+    return str(reader.path)

@@ -1,0 +1,76 @@
+"""Stage 2 trusts nothing it reads: a NaN in a cached array, or bytes that no longer match their checksum,
+stop train-heads, evaluate and ensemble with one line naming the video and the repair command."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extract.record import array_sha256
+from extract.store import CacheReader
+from heads.data import DataError, load_split
+
+
+@pytest.fixture()
+def cache_copy(report_run_case, tmp_path) -> Path:
+    shutil.copytree(report_run_case.cache, tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+def _unit(cache: Path, video_id: str) -> Path:
+    return CacheReader(cache)._attrs(video_id)["_path"]
+
+
+def _plant_nan(cache: Path, video_id: str, key: str = "video/last", fix_checksum: bool = True) -> None:
+    """A NaN in one array of one video; its stored checksum recomputed so only the NaN check can see it."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    unit = _unit(cache, video_id)
+    arr = zarr.open_group(store=LocalStore(unit), mode="r+", zarr_format=3)[key]
+    values = np.asarray(arr[...])
+    values.flat[0] = np.nan
+    arr[...] = values
+    if fix_checksum:
+        doc = json.loads((unit / "zarr.json").read_text())
+        attrs = doc["attributes"][next(iter(doc["attributes"]))]
+        attrs["arrays"][key]["sha256"] = array_sha256(values)
+        (unit / "zarr.json").write_text(json.dumps(doc))
+
+
+def test_a_nan_in_one_train_video_stops_the_load_naming_it(cache_copy):
+    vid = CacheReader(cache_copy).video_ids("train")[1]
+    _plant_nan(cache_copy, vid)
+    with pytest.raises(DataError) as err:
+        load_split(CacheReader(cache_copy), "train", device="cpu")
+    msg = str(err.value)
+    assert vid in msg and "NaN" in msg and "--repair" in msg and "\n" not in msg
+
+
+def test_bytes_that_do_not_match_their_checksum_stop_the_load_unless_not_verified(cache_copy):
+    vid = CacheReader(cache_copy).video_ids("train")[0]
+    _plant_nan(cache_copy, vid, key="audio/last", fix_checksum=False)
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load_split(CacheReader(cache_copy), "train", device="cpu")
+    with pytest.raises(DataError, match="NaN"):                       # the NaN check is never skipped
+        load_split(CacheReader(cache_copy), "train", device="cpu", verify=False)
+
+
+def test_train_heads_evaluate_and_ensemble_refuse_a_nan_video(report_run_case, cache_copy, ahcli_fork, tmp_path):
+    reader = CacheReader(cache_copy)
+    train_vid, test_vid = reader.video_ids("train")[2], reader.video_ids("test")[0]
+
+    def refused(argv, vid) -> None:
+        res = ahcli_fork.run(*argv)
+        errors = [line for line in res.err_lines if line.startswith("error:")]
+        assert res.rc != 0 and len(errors) == 1 and vid in errors[0] and "NaN" in errors[0], (argv[0], res.err)
+
+    _plant_nan(cache_copy, test_vid, key="text/last")
+    refused(("evaluate", report_run_case.run_b, cache_copy, "--split", "test"), test_vid)
+    refused(("ensemble", report_run_case.run_b, "--cache", cache_copy, "--out", tmp_path / "ens"), test_vid)
+    _plant_nan(cache_copy, train_vid)
+    refused(("train-heads", cache_copy, tmp_path / "run", "--epochs", "1", "--dim", "16", "--head-hidden", "16"),
+            train_vid)
