@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from extract.errors import AHError
 from extract.loading import quiet_loading
 from extract.spec import ExtractionSpec
 from extract.vocab import MODALITIES
 
+MARKER = ".tiny-encoders"          # marks a folder this module wrote (and may overwrite)
 _TINY_HIDDEN = 64
 _TINY_LAYERS = 4
 _TINY_HEADS = 4
@@ -160,7 +162,12 @@ def write_tiny_encoders(out_dir: Path, seed: int = 0) -> Path:
     """Small random VideoMAE / HuBERT / RoBERTa in HF format under out_dir/{video,audio,text}, plus
     out_dir/cache_spec.yaml pointing at them. The same seed writes identical weights. Returns the spec path."""
     out_dir = Path(out_dir)
+    marker = out_dir / MARKER
+    if out_dir.exists() and any(out_dir.iterdir()) and not marker.is_file():
+        raise AHError(f"{out_dir}: exists and was not written by `ahcli encoders tiny`; choose a new or empty folder "
+                      "(nothing was changed)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by write_tiny_encoders: this folder may be rewritten\n", encoding="utf-8")
     with torch.random.fork_rng(devices=[]), quiet_loading():
         for offset, (modality, writer) in enumerate(
             (("video", _tiny_video), ("audio", _tiny_audio), ("text", _tiny_text))

@@ -73,3 +73,18 @@ def test_an_invalid_timestamp_tag_is_one_problem_of_that_file(tmp_path):
     path.write_text("text: hi\nchunks:\n- {text: hi, timestamp: !!timestamp 'not a date'}\n")
     with pytest.raises(BahError, match="t.yml: YAML does not parse"):
         parse_transcript(path, 10.0)
+
+
+def test_tiny_encoders_never_overwrite_a_users_folder(tmp_path):
+    from extract.errors import AHError
+    from extract.tiny_encoders import write_tiny_encoders
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "cache_spec.yaml").write_text("my: spec\n")
+    with pytest.raises(AHError, match="was not written by `ahcli encoders tiny`"):
+        write_tiny_encoders(user)
+    assert (user / "cache_spec.yaml").read_text() == "my: spec\n" and sorted(p.name for p in user.iterdir()) == [
+        "cache_spec.yaml"]
+    spec = write_tiny_encoders(tmp_path / "tiny")
+    assert write_tiny_encoders(tmp_path / "tiny") == spec          # its own folder: rewritten
