@@ -39,20 +39,22 @@ def load_big_yaml(path: Path) -> dict:
 
 # --------------------------------------------------------------------------------------- transcript
 def monotonic_chunks(raw: Sequence[tuple[str, float, float | None]], duration: float) -> list[TranscriptChunk]:
-    """Rebuild a monotonic timeline: whenever a start goes backwards (Whisper's 30 s restarts) the offset
-    grows by the previous chunk's absolute end; a null end becomes the next start, or the duration."""
+    """Rebuild a monotonic timeline: whenever a start does not move forward (Whisper's long-form output
+    restarts its timestamps every ~30 s window, and a restart may begin at the very start of the previous
+    chunk, e.g. 0.0 after 0.0) the offset grows by the previous chunk's absolute end; a null end becomes the
+    next start, or the duration."""
     out: list[TranscriptChunk] = []
     offset = 0.0
     prev_start = None
     prev_abs_end = 0.0
     for i, (text, start, end) in enumerate(raw):
-        if prev_start is not None and start < prev_start:
+        if prev_start is not None and start <= prev_start:
             offset = prev_abs_end
         abs_start = start + offset
         if end is None:
             if i + 1 < len(raw):
                 nxt = raw[i + 1][1]
-                abs_end = nxt + offset if nxt >= start else abs_start  # next restarts: unknown, zero-length
+                abs_end = nxt + offset if nxt > start else abs_start  # next restarts: unknown, zero-length
             else:
                 abs_end = max(duration, abs_start)
         else:
