@@ -27,7 +27,8 @@ class ModelConfig:
     modalities: str = "vat"        # any non-empty subset of the letters v, a, t
     dim: int = 768                 # shared projection width D
     conflict: bool = True          # pairwise |x - y| features among the present modalities
-    ffn_mult: int = 2              # FFN hidden width = ffn_mult x fusion width (paper: 2 x 6D)
+    ffn_mult: int = 2              # FFN hidden width = ffn_mult x fusion width (paper: 2 x 6D) ...
+    ffn_hidden: int | None = None  # ... unless given here as an absolute width (e.g. 1536 = 2 x D)
     ffn_dropout: float = 0.1       # not given in the paper
     head_hidden: int = 512
     head_dropout: float = 0.3
@@ -40,8 +41,8 @@ class ModelConfig:
             raise ConfigError(str(exc)) from exc
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
-        if min(self.dim, self.ffn_mult, self.head_hidden) < 1:
-            raise ConfigError("dim, ffn_mult and head_hidden must be >= 1")
+        if min(self.dim, self.ffn_mult, self.head_hidden, self.ffn_width) < 1:
+            raise ConfigError("dim, ffn_mult, ffn_hidden and head_hidden must be >= 1")
         if not (0 <= self.ffn_dropout < 1 and 0 <= self.head_dropout < 1):
             raise ConfigError("dropout rates must lie in [0, 1)")
         self.input_dims = {str(k): int(v) for k, v in self.input_dims.items()}
@@ -60,6 +61,11 @@ class ModelConfig:
     @property
     def fusion_dim(self) -> int:
         return self.dim * (len(self.present) + len(self.pairs))
+
+    @property
+    def ffn_width(self) -> int:
+        """The FFN's hidden width: ffn_hidden when given, else ffn_mult x the fusion width."""
+        return int(self.ffn_hidden) if self.ffn_hidden is not None else self.ffn_mult * self.fusion_dim
 
     @property
     def has_text(self) -> bool:

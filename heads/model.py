@@ -116,8 +116,8 @@ class ConflictAwareModel(nn.Module):
         self.cfg = cfg
         self.pools = nn.ModuleDict({m: AttentionPool(cfg.input_dims[m], cfg.dim, cfg.pooling) for m in cfg.present})
         f = cfg.fusion_dim
-        self.ffn = nn.Sequential(nn.LayerNorm(f), nn.Linear(f, cfg.ffn_mult * f), nn.GELU(),
-                                 nn.Dropout(cfg.ffn_dropout), nn.Linear(cfg.ffn_mult * f, f))
+        self.ffn = nn.Sequential(nn.LayerNorm(f), nn.Linear(f, cfg.ffn_width), nn.GELU(),
+                                 nn.Dropout(cfg.ffn_dropout), nn.Linear(cfg.ffn_width, f))
         self.head = make_head(f, cfg.head_hidden, cfg.head_dropout)
         self.text_head = make_head(cfg.dim, cfg.head_hidden, cfg.head_dropout) if cfg.has_text else None
 

@@ -199,3 +199,19 @@ def test_subset_and_prefix_layers_keep_rows_aligned():
                                b.tokens[m].segments if b.tokens[m].ragged else b.tokens[m].values)
     with pytest.raises(DataError, match="layer 'middle'"):
         data.batch(torch.tensor([0]), layer="middle")
+
+
+def test_ffn_width_as_a_multiple_or_absolute():
+    """The paper's two readings of the fusion FFN: 2 x 6D hidden (the default) or an absolute width."""
+    from heads.model import ConflictAwareModel
+
+    dims = {"video": 768, "audio": 768, "text": 768}
+    with torch.device("meta"):
+        paper = ConflictAwareModel(ModelConfig(input_dims=dims))
+        narrow = ConflictAwareModel(ModelConfig(input_dims=dims, ffn_hidden=1536))
+    assert paper.ffn[1].out_features == 9216 and narrow.ffn[1].out_features == 1536
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(paper) == 89_497_090
+    assert count(paper) - count(narrow) == 2 * 4608 * (9216 - 1536) + (9216 - 1536)
+    with pytest.raises(ConfigError, match="ffn_hidden"):
+        ModelConfig(input_dims=dims, ffn_hidden=0)
