@@ -39,6 +39,15 @@ def _drop_block(folder: Path, block: str) -> None:
     save_file(tensors, weights, metadata={"format": "pt"})
 
 
+def _custom_code(folder: Path, marker: Path) -> Path:
+    """Make a model folder's config map to a Python file that, if ever run, writes `marker`."""
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return marker
+
+
 # ---- weights ----------------------------------------------------------------------------------------------
 
 
@@ -75,12 +84,7 @@ def test_unused_checkpoint_weights_are_allowed_by_name_and_recorded(tiny_copy):
 
 
 def test_a_model_folder_with_custom_code_is_refused_and_runs_nothing(tiny_copy, tmp_path):
-    folder = tiny_copy.parent / "audio"
-    marker = tmp_path / "code-ran"
-    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
-    (folder / "config.json").write_text(json.dumps(cfg))
+    marker = _custom_code(tiny_copy.parent / "audio", tmp_path / "code-ran")
     with pytest.raises(EncoderError, match="custom code"):
         load_encoders(load_spec(tiny_copy))
     assert not marker.exists()
@@ -164,12 +168,7 @@ def test_yes_piped_into_extract_runs_no_code_from_a_model_folder(tiny_copy, synt
 
     from conftest import REPO, cli_env
 
-    folder = tiny_copy.parent / "video"
-    marker = tmp_path / "code-ran"
-    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
-    (folder / "config.json").write_text(json.dumps(cfg))
+    marker = _custom_code(tiny_copy.parent / "video", tmp_path / "code-ran")
     argv = extract_args(synth_tree[0] / "data", tmp_path / "cache", tiny_copy)
     p = subprocess.run([sys.executable, "-m", "ahcli", *argv], input="y\n" * 50, capture_output=True, text=True,
                        timeout=300, env=cli_env(), cwd=REPO)
