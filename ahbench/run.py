@@ -57,8 +57,12 @@ def run_bench(device: str, quick: bool, workers: int, log: Callable[[str], None]
     peak, peak_source = device_peak_tflops(device)
     out["peak_tflops"], out["peak_source"] = peak, peak_source
 
+    wants_full = full_run if full_run is not None else (cuda or not quick)
+    done, total = [0], 7 + int(wants_full)        # the sections below (one is skipped without encoder numbers)
+
     def section(name: str, title: str, fn: Callable[[], Any]) -> Any:
-        log(title)
+        done[0] += 1
+        log(f"[{done[0]}/{total}] {title}")
         try:
             out[name] = fn()
         except Exception as exc:  # a benchmark that breaks must not take the others' numbers with it
@@ -103,7 +107,7 @@ def run_bench(device: str, quick: bool, workers: int, log: Callable[[str], None]
 
     section("top2", "top-2 unfrozen: cached prefix vs end to end", lambda: bench_top2_epoch(device, quick))
     run_s = None
-    if full_run if full_run is not None else (cuda or not quick):
+    if wants_full:
         full = section("heads_full_run", "one full train-heads run at BAH scale", lambda: bench_full_run(device))
         run_s = full["run_s"] if full and cuda else None
     if not cuda and heads:

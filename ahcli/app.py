@@ -3,13 +3,18 @@ heavy imports (torch, transformers) stay inside the commands so `ahcli --help` i
 from __future__ import annotations
 
 import sys
+from importlib import metadata
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from ahcli import cmd_bench, cmd_data, cmd_demo, cmd_ensemble, cmd_extract, cmd_finetune, cmd_heads, cmd_report
+from ahcli.session import failure_line, last_failure
 from extract.errors import AHError
+from extract.stopping import Interrupted
+
+DIST = "conflict-aware-ah"
 
 app = typer.Typer(
     name="ahcli",
@@ -20,6 +25,29 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def version() -> str:
+    try:
+        return metadata.version(DIST)
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ahcli {version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                      help="Print the version and exit."),
+) -> None:
+    """ConflictAwareAH: recognise ambivalence/hesitancy in BAH interview videos. Stage 1 extracts frozen-encoder
+    tokens once into a cache; stage 2 trains the heads over it in seconds."""
+
+
 for module in (cmd_data, cmd_extract, cmd_heads, cmd_ensemble, cmd_finetune, cmd_report, cmd_demo, cmd_bench):
     module.register(app)
 
@@ -27,6 +55,8 @@ for module in (cmd_data, cmd_extract, cmd_heads, cmd_ensemble, cmd_finetune, cmd
 def main() -> None:
     try:
         app()
-    except AHError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+    except (AHError, Interrupted, KeyboardInterrupt) as exc:
+        text, code = last_failure() or failure_line(exc)
+        shown = f"[bold red]error:[/] {escape(str(exc))}" if isinstance(exc, AHError) else escape(text)
+        Console(stderr=True).print(shown, highlight=False, soft_wrap=True)
+        sys.exit(code)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ahbench.run import render_markdown, run_bench, save
+from ahcli.session import OPT_LOG_EVERY, Heartbeat, duration
 from extract.run import resolve_device
 
 console = Console(stderr=True)
@@ -25,6 +27,7 @@ def bench(
     workers: int = typer.Option(2, help="Decoding workers for the end-to-end extraction benchmark."),
     results_dir: Path = typer.Option(Path("bench-results"), help="Folder of per-machine JSON results."),
     markdown: Path = typer.Option(Path("BENCHMARKS.md"), help="Markdown report rendered from every result in --results-dir."),
+    log_every: float = OPT_LOG_EVERY,
 ) -> None:
     """Decode, encoder, cache, extraction and head-training throughput at BAH scale, against the goals."""
 
@@ -36,8 +39,16 @@ def bench(
         save(partial, results_dir)
         markdown.write_text(render_markdown(results_dir), encoding="utf-8")
 
-    results = run_bench(resolve_device(device), quick, workers,
-                        log=lambda s: console.print(f"[bold]bench:[/] {s}"), checkpoint=checkpoint, full_run=full_run)
+    current = ["starting"]
+
+    def log(text: str) -> None:
+        current[0] = text
+        console.print(f"[bold]bench:[/] {escape(text)}", highlight=False)
+
+    with Heartbeat(log_every, lambda spent: None if console.is_terminal else console.print(
+            f"bench: {current[0]} still running, elapsed {duration(spent)}", highlight=False)):
+        results = run_bench(resolve_device(device), quick, workers, log=log, checkpoint=checkpoint,
+                            full_run=full_run)
     path = save(results, results_dir)
     console.print(f"results: {path}; report: {markdown}")
     if as_json:

@@ -2,6 +2,7 @@
 Wiring only: the work is in ahflows/ensemble.py and ahflows/ablate.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -10,20 +11,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ahcli.options import console, progress_bar
-from ahflows.ablate import run_ablation
+from ahcli.options import OPT_ALLOW_PARTIAL, console, progress_bar, reflow
+from ahcli.session import OPT_LOG_EVERY, Session, command_line
+from ahflows.ablate import LOG_FILE, run_ablation
 from ahflows.ablation_table import METRICS, full_vs_single
 from ahflows.ensemble import run_ensemble
 from ahflows.submission import NO_PROBS, WITH_PROBS
+from heads.train_state import TrainingStopped
 
 
 def register(app: typer.Typer) -> None:
-    app.command("ensemble")(ensemble_cmd)
-    app.command("ablate")(ablate_cmd)
+    app.command("ensemble", help=reflow(ensemble_cmd.__doc__))(ensemble_cmd)
+    app.command("ablate", help=reflow(ablate_cmd.__doc__))(ablate_cmd)
 
 
-def _warn(msg: str) -> None:
-    console.print(f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+def _warn(run: Session, msg: str) -> None:
+    run.say(f"warning: {msg}", style="yellow")
 
 
 def ensemble_cmd(
@@ -36,20 +39,48 @@ def ensemble_cmd(
         "ROOT/../test-set-30-participants-unlabeled/data/split/test.txt. Without it: the cache's video_id order."),
     private_root: Optional[Path] = typer.Option(None, help="Private test set root holding split/test.txt (overrides --data's default)."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Write placeholder lines (p1 = 0.5) for private videos missing from the cache instead of refusing."),
+    allow_partial: bool = OPT_ALLOW_PARTIAL,
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json on stdout."),
+    log_every: float = OPT_LOG_EVERY,
 ) -> None:
-    """Average runs' blended probabilities, re-tune the threshold on val, score val/test, write the submission."""
+    """Average runs' blended probabilities, re-tune the threshold on val, score val/test, write the submission.
 
-    with progress_bar() as progress:
-        task = progress.add_task("scoring", total=None)
-        record = run_ensemble(runs, cache, out, windows, data_root=data, private_root=private_root,
-                              allow_missing=allow_missing, device=device, warn=_warn,
-                              on_split=lambda s: progress.update(task, description=f"scoring {s}"))
+    A val or test split the cache holds only part of is refused unless --allow-partial; metrics.json and the
+    table state videos scored / listed. SIGINT/SIGTERM stop between two splits (nothing is written: the files
+    are written at the end, so rerun the same command), exit 130/143. OUT/ensemble.log keeps the run's lines."""
+
+    with Session("ensemble", log_every, console) as run:
+        if out.is_dir():
+            run.attach(out / "ensemble.log")
+        with progress_bar() as progress, run.stop.finishing():
+            task = progress.add_task("scoring", total=None)
+
+            def on_split(s: str) -> None:
+                progress.update(task, description=f"scoring {s}")
+                run.attach(out / "ensemble.log")
+                run.progress(f"ensemble: scoring {s}")
+
+            record = run_ensemble(runs, cache, out, windows, data_root=data, private_root=private_root,
+                                  allow_missing=allow_missing, allow_partial=allow_partial, device=device,
+                                  warn=lambda m: _warn(run, m), on_split=on_split, should_stop=run.stop)
+        if record is None:
+            raise run.interrupted("nothing written (the ensemble's files are written at the end)", command_line())
+        _show(record, runs, windows, out, json_out, run)
+
+
+def _show(record: dict, runs, windows: int, out: Path, json_out: bool, run: Session) -> None:
     if json_out:
         typer.echo(json.dumps(record))
         return
-    table = Table(title=f"ensemble of {len(runs)} run(s), {windows} window(s); threshold {record['threshold']:.2f} (tuned on val)")
+    videos = record.get("videos") or {}
+
+    def count(split: str) -> str:
+        v = videos.get(split)
+        return "" if not v else f" {v['scored']}/{v['listed']}{'!' if v['scored'] < v['listed'] else ''}"
+
+    table = Table(title=f"ensemble of {len(runs)} run(s), {windows} window(s); threshold {record['threshold']:.2f} "
+                  f"(tuned on val); videos scored/listed: val{count('val')}, test{count('test') or ' -'}")
     table.add_column("model")
     for col in ("val Macro F1", "test Macro F1", "test F1-AH", "test F1-NoAH", "test AP", "test accuracy"):
         table.add_column(col, justify="right")
@@ -64,10 +95,14 @@ def ensemble_cmd(
         add(f"{Path(r['path']).name} (t={r['threshold']:.2f})", r["val"], r["test"])
     add("[bold]ensemble[/]", record["val"], record["test"])
     Console().print(table)
+    partial = [f"{s} {v['scored']}/{v['listed']}" for s, v in videos.items() if s in ("val", "test")
+               and v["scored"] < v["listed"]]
+    if partial:
+        run.say(f"PARTIAL splits scored (--allow-partial): {', '.join(partial)} videos scored/listed", style="yellow")
     written = [out / "metrics.json", out / "predictions.csv"]
     if (out / WITH_PROBS).is_file():
         written += [out / WITH_PROBS, out / NO_PROBS]
-    console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+    run.say("wrote " + ", ".join(str(p) for p in written))
 
 
 def ablate_cmd(
@@ -92,44 +127,78 @@ def ablate_cmd(
     alpha: Optional[float] = typer.Option(None, help="Text blend used to select epochs and thresholds (default: 0.6)."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA (the CPU never uses it)."),
+    only_seed: Optional[int] = typer.Option(
+        None, "--only-seed", help="Train only this seed (0..SEEDS-1): one cluster job per seed, each into its own "
+        "folder; then merge them with --merge (docs/CLUSTER.md)."),
+    merge: List[Path] = typer.Option(
+        [], "--merge", help="An ablation folder (repeatable) whose finished trainings are reused instead of "
+        "retrained (same cache and options): `ablate CACHE OUT --seeds 3 --merge OUT-s0 --merge OUT-s1 ...` "
+        "writes the merged tables without training."),
+    allow_partial: bool = OPT_ALLOW_PARTIAL,
+    json_out: bool = typer.Option(False, "--json", help="Print the aggregated rows as one JSON object on stdout."),
+    log_every: float = OPT_LOG_EVERY,
 ) -> None:
     """The paper's Tables 4, 5 and 6 from one cache: modality subsets, conflict features, alpha, transcript,
-    inference windows and the 2-checkpoint ensemble, mean ± std over seeds."""
+    inference windows and the 2-checkpoint ensemble, mean ± std over seeds.
+
+    SIGINT/SIGTERM: the training in progress stops at its epoch's end and is dropped (it is redone), every
+    finished training stays in OUT/trainings.jsonl, one line names the command that resumes (--resume), exit
+    130/143. OUT is locked while it is written and keeps a log in OUT/ablate.log."""
     options = dict(epochs=epochs, patience=patience, lr=lr, lr_min=lr_min, weight_decay=weight_decay, dim=dim,
                    head_hidden=head_hidden, head_dropout=head_dropout, ffn_dropout=ffn_dropout,
                    batch_size=batch_size, accum=accum, alpha=alpha)
     base = {k: v for k, v in options.items() if v is not None}
     if not amp:
         base["amp"] = False
-    with progress_bar() as progress:
-        task = progress.add_task("loading", total=None)
-        epoch_task = progress.add_task("epoch", total=None, visible=False)
+    with Session("ablate", log_every, console) as run:
+        run.resume = command_line(("--resume",))
+        trainings = run.ticker("ablate", "trainings")
+        with progress_bar() as progress, run.stop.finishing():
+            task = progress.add_task("loading", total=None)
+            epoch_task = progress.add_task("epoch", total=None, visible=False)
 
-        def on_load(split: str) -> None:
-            progress.update(task, description=f"loading {split}")
+            def on_load(split: str) -> None:
+                run.attach(out / "ablate.log")      # OUT exists (and is ours) once the splits load
+                progress.update(task, description=f"loading {split}")
+                run.progress(f"ablate: loading {split}")
 
-        def on_training(desc: str, k: int, total: int) -> None:
-            progress.update(task, description=f"training {desc}", completed=k - 1, total=total)
-            progress.update(epoch_task, completed=0, visible=True)
+            def on_training(desc: str, k: int, total: int) -> None:
+                progress.update(task, description=f"training {desc}", completed=k - 1, total=total)
+                progress.update(epoch_task, completed=0, visible=True)
+                trainings.update(k - 1, total, f"next: {desc}")
 
-        def on_epoch(rec, prog) -> None:
-            progress.update(epoch_task, description=f"  epoch {rec.epoch} (best val F1 {prog.best_f1:.3f})",
-                            completed=rec.epoch, total=prog.epochs)
+            def on_epoch(rec, prog) -> None:
+                progress.update(epoch_task, description=f"  epoch {rec.epoch} (best val F1 {prog.best_f1:.3f})",
+                                completed=rec.epoch, total=prog.epochs)
+                run.log(f"  epoch {rec.epoch}: val F1 {rec.val_macro_f1:.4f} (best {prog.best_f1:.4f})")
+                if run.stop.requested:
+                    raise TrainingStopped
 
-        res = run_ablation(cache, out, seeds, base, quick, windows=windows, device=device, resume=resume,
-                           frozen_a=frozen_a, on_load=on_load, on_training=on_training, on_epoch=on_epoch)
-    _print_summary(res)
-    margin = full_vs_single(res.aggregated)
-    if margin is not None:
-        console.print(f"full model vs best single modality (test Macro F1): {margin:+.3f}", highlight=False)
-    console.print(f"wrote {out / 'ablation.md'} and {out / 'ablation.csv'} ({res.seconds:.0f} s)", highlight=False)
+            res = run_ablation(cache, out, seeds, base, quick, windows=windows, device=device, resume=resume,
+                               frozen_a=frozen_a, on_load=on_load, on_training=on_training, on_epoch=on_epoch,
+                               should_stop=run.stop, only_seed=only_seed, merge=list(merge),
+                               allow_partial=allow_partial)
+        if res.stopped:
+            raise run.interrupted(f"{res.trainings[0]} of {res.trainings[1]} trainings kept in {out / LOG_FILE}",
+                                  command_line(("--resume",)))
+        if json_out:
+            typer.echo(json.dumps({"rows": [dataclasses.asdict(r) for r in res.aggregated],
+                                   "seconds": res.seconds, "out": str(out)}))
+        else:
+            _print_summary(res)
+        margin = full_vs_single(res.aggregated)
+        if margin is not None:
+            run.say(f"full model vs best single modality (test Macro F1): {margin:+.3f}")
+        run.say(f"wrote {out / 'ablation.md'} and {out / 'ablation.csv'} ({res.seconds:.0f} s)")
 
 
 def _print_summary(res) -> None:
-    table = Table(title="ablation (mean ± std over seeds)")
-    for col in ("table", "config", "split", "Macro F1", "F1-AH", "F1-NoAH"):
-        table.add_column(col, justify="right" if col[0].isupper() else "left")
+    table = Table(title="ablation (mean ± std over seeds; videos: scored/listed in the split file)")
+    for col in ("table", "config", "split", "Macro F1", "F1-AH", "F1-NoAH", "videos"):
+        table.add_column(col, justify="right" if col[0].isupper() or col[0] == "v" else "left",
+                         no_wrap=col == "config")
     for r in res.aggregated:
+        videos = "-" if r.listed is None else f"{r.videos}/{r.listed}" + (" PARTIAL" if r.videos < r.listed else "")
         table.add_row(r.table, r.config, r.split,
-                      *[f"{getattr(r, k):.3f} ± {r.std.get(k, 0.0):.3f}" for k in METRICS])
+                      *[f"{getattr(r, k):.3f} ± {r.std.get(k, 0.0):.3f}" for k in METRICS], videos)
     Console().print(table)

@@ -11,11 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ahcli.session import OPT_LOG_EVERY, Session, command_line
 from extract.run import ExtractOptions, extract, phase_report
 from extract.store import CacheReader
 from extract.tiny_encoders import write_tiny_encoders
+from extract.vocab import check_split
 
 console = Console()
+err = Console(stderr=True)
 encoders_app = typer.Typer(help="Encoder utilities.", no_args_is_help=True)
 cache_app = typer.Typer(help="Inspect and check an embedding cache.", no_args_is_help=True)
 
@@ -42,29 +45,61 @@ def extract_cmd(
     repair: bool = typer.Option(False, help="Verify the cache first and re-extract only the videos found bad."),
     private_root: Optional[Path] = typer.Option(None, help="Private test set root (default: ROOT/../test-set-30-participants-unlabeled/data)."),
     allow_symlinks: bool = typer.Option(False, help="Follow symlinks that leave the dataset root (refused by default)."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = typer.Option(True, help="Show a progress bar on a terminal, plain lines every --log-every seconds elsewhere (--no-progress: neither; the log in CACHE/logs still gets the lines)."),
+    log_every: float = OPT_LOG_EVERY,
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout (the lines go to stderr)."),
 ) -> None:
     """Run the frozen encoders once over a BAH tree and store their token sequences in CACHE.
 
     Resumable: a rerun skips videos already complete. Videos that fail are listed in CACHE/errors and the
     exit status is 1; every other video is still extracted. Under `torchrun --nproc-per-node K -m ahcli
-    extract ...` each process extracts a disjoint share. The last line says where the time went (waiting
-    for decoding, each encoder, waiting for cache writes) and names the bottleneck when there is one.
+    extract ...` (or several nodes, docs/CLUSTER.md) each process extracts a disjoint share. One process
+    writes a cache at a time: a second extraction on it is refused. The last line says where the time went
+    (waiting for decoding, each encoder, waiting for cache writes) and names the bottleneck when there is one.
+
+    SIGINT/SIGTERM: the videos already encoded are written (seconds: at most the current video and the
+    writes in flight), the cache is left unsealed, one line names the command that resumes, exit 130/143.
+    A second signal stops at once; the cache stays consistent either way. Each run keeps a log in CACHE/logs/.
     """
     names = tuple(s.strip() for s in splits.split(",") if s.strip())
+    for name in names:
+        check_split(name)
     opts = ExtractOptions(splits=names, device=device, batch_size=batch_size, workers=workers, force=force,
                           repair=repair, private_root=private_root, allow_symlinks=allow_symlinks, progress=progress)
-    summary = extract(data, cache, spec, opts)
-    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 reports under torchrun
-        return
-    console.print(f"extracted {summary.extracted} videos ({summary.clips} clips, {summary.clips_per_s:.1f} clips/s), "
-                  f"skipped {summary.skipped} already complete, failed {len(summary.failed)}", soft_wrap=True)
-    if summary.extracted:
-        console.print(phase_report(summary), highlight=False, soft_wrap=True)
-    for video_id, message in summary.notes:  # odd inputs that were still extracted (no audio track, ...)
-        console.print(f"  [yellow]note[/] {video_id}: {message}", highlight=False, soft_wrap=True)
-    for video_id, message in sorted(summary.failed.items()):
-        console.print(f"  [red]failed[/] {video_id}: {message}", highlight=False, soft_wrap=True)
+    rank = int(os.environ.get("RANK", "0"))
+    with Session("extract", log_every, err) as run:
+        opts.progress = progress and run.live
+        run.quiet = not progress
+        ticker = run.ticker("extract" if rank == 0 else f"extract rank {rank}", "videos")
+
+        def on_ready(path: Path, dist) -> None:    # the cache is open (and ours): from here a signal finishes
+            run.attach_stamped(path / "logs", "extract", f"-rank{dist.rank}" if dist.active else "")
+            run.stop.enter_unit()
+
+        def on_progress(p) -> None:
+            rate = f"{p.clips / p.seconds:.1f} clips/s" if p.seconds > 0 else ""
+            ticker.update(p.done, p.total, ", ".join(x for x in (rate, f"{p.failed} failed" if p.failed else "") if x),
+                          force=p.done == p.total)
+
+        summary = extract(data, cache, spec, opts, on_progress=on_progress, should_stop=run.stop, on_ready=on_ready)
+        run.stop.leave_unit()
+        if summary.interrupted:
+            left = summary.total - summary.done
+            raise run.interrupted(f"{summary.extracted} video(s) written to {cache} this run, {left} left "
+                                  f"(cache unsealed)", command_line())
+        if rank != 0:  # only rank 0 reports under torchrun
+            return
+        out = err if json_out else console
+        run.say(f"extracted {summary.extracted} videos ({summary.clips} clips, {summary.clips_per_s:.1f} clips/s), "
+                f"skipped {summary.skipped} already complete, failed {len(summary.failed)}", console=out)
+        if summary.extracted:
+            run.say(phase_report(summary), console=out)
+        for video_id, message in summary.notes:  # odd inputs that were still extracted (no audio track, ...)
+            run.say(f"  note {video_id}: {message}", console=out)
+        for video_id, message in sorted(summary.failed.items()):
+            run.say(f"  failed {video_id}: {message}", console=out)
+        if json_out:
+            typer.echo(json.dumps(summary.to_json()))
     if summary.failed:
         raise typer.Exit(1)
 
@@ -90,9 +125,15 @@ def cache_info(
 
 
 @cache_app.command("verify")
-def cache_verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
+def cache_verify(
+    cache: Path = typer.Argument(..., help="Cache folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print {\"ok\", \"problems\": [{video_id, problem}]} on stdout."),
+) -> None:
     """Check every video: complete, checksums, shapes/dtypes/lengths consistent, no NaN/Inf. Exit 1 naming each bad video."""
     problems = CacheReader(cache).verify()
+    if as_json:
+        typer.echo(json.dumps({"cache": str(cache), "ok": not problems, "problems": problems}))
+        raise typer.Exit(1 if problems else 0)
     for p in problems:
         console.print(f"[red]bad[/] {p['video_id']}: {p['problem']}", highlight=False, soft_wrap=True)
     if problems:

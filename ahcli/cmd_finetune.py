@@ -15,13 +15,19 @@ from ahcli.options import (OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CH
                            OPT_HEAD_HIDDEN, OPT_JSON, OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN, OPT_MODALITIES,
                            OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_RESUME, OPT_SEED, OPT_STOP_AFTER,
                            OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT, OPT_WEIGHT_DECAY, Pooling, TextSource, console,
-                           model_options, report_result, train_config, train_with_progress)
+                           model_options, report_result, train_config, train_with_progress, OPT_TENSORBOARD,
+                           warn_partial, with_interrupt_help)
+from ahcli.session import OPT_LOG_EVERY, Session, command_line
+from ahflows.epoch_scalars import EpochScalars
 from ahflows.finetune import finetune
+from extract.locks import folder_lock
 from heads.resume import check_out_folder
+
+TRAIN_LOG = "train.log"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("finetune")(finetune_cmd)
+    app.command("finetune", help=with_interrupt_help(finetune_cmd.__doc__))(finetune_cmd)
 
 
 def finetune_cmd(
@@ -59,6 +65,8 @@ def finetune_cmd(
     checkpoint_every: float = OPT_CHECKPOINT_EVERY,
     json_out: bool = OPT_JSON,
     stop_after: int = OPT_STOP_AFTER,
+    tensorboard: bool = OPT_TENSORBOARD,
+    log_every: float = OPT_LOG_EVERY,
 ) -> None:
     """Fine-tune end to end from the raw media: the top N encoder blocks (lr x --encoder-lr-scale) and the
     heads, one random 16-frame window per train video each epoch, the paper's protocol (checkpoint A)."""
@@ -71,16 +79,25 @@ def finetune_cmd(
     opts = model_options(modalities=modalities, no_conflict=no_conflict, dim=dim, head_hidden=head_hidden,
                          head_dropout=head_dropout, ffn_dropout=ffn_dropout, pooling=pooling)
     check_out_folder(out, resume)
+    with Session("finetune", log_every, console) as run, folder_lock(out, "run folder"):
+        run.attach(out / TRAIN_LOG)
+        run.resume = command_line(("--resume",))
+        scalars = EpochScalars(out) if tensorboard else None
 
-    def on_data(d) -> None:
-        lost = [p for p in d.problems if getattr(p, "fatal", True)]
-        console.print(f"train {len(d.train)} videos, val {len(d.val)} videos; top {unfreeze_top} blocks of each "
-                      f"encoder unfrozen (lr {lr * encoder_lr_scale:g}), heads at lr {lr:g}")
-        if lost:
-            console.print(f"[yellow]{len(lost)} video(s) left out (unreadable): {lost[0].video_id}: "
-                          f"{lost[0].problem}{' ...' if len(lost) > 1 else ''}[/]", highlight=False)
+        def on_data(d) -> None:
+            lost = [p for p in d.problems if getattr(p, "fatal", True)]
+            run.say(f"train {len(d.train)} videos, val {len(d.val)} videos; top {unfreeze_top} blocks of each "
+                    f"encoder unfrozen (lr {lr * encoder_lr_scale:g}), heads at lr {lr:g}")
+            if lost:
+                run.say(f"{len(lost)} video(s) left out (unreadable): {lost[0].video_id}: "
+                        f"{lost[0].problem}{' ...' if len(lost) > 1 else ''}", style="yellow")
+            warn_partial(run, d.coverage.values(), data)
 
-    result = train_with_progress(finetune, data_root=data, spec_path=spec, out=out, model_options=opts, cfg=cfg,
-                                 workers=workers, allow_symlinks=allow_symlinks, resume=resume,
-                                 stop_after=stop_after or None, on_data=on_data)
-    report_result(result, out, json_out)
+        try:
+            result = train_with_progress(finetune, run, scalars, data_root=data, spec_path=spec, out=out,
+                                         model_options=opts, cfg=cfg, workers=workers, allow_symlinks=allow_symlinks,
+                                         resume=resume, stop_after=stop_after or None, on_data=on_data)
+        finally:
+            if scalars is not None:
+                scalars.close()
+        report_result(result, out, json_out, run)

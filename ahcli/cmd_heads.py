@@ -16,11 +16,15 @@ from ahcli.options import (OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CH
                            OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_RESUME, OPT_SEED, OPT_STOP_AFTER,
                            OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT, OPT_WEIGHT_DECAY, Pooling, TextSource, console,
                            metrics_table, model_options, progress_bar, report_result, train_config,
-                           train_with_progress)
+                           train_with_progress, OPT_ALLOW_PARTIAL, OPT_TENSORBOARD, warn_partial, with_interrupt_help)
+from ahcli.session import OPT_LOG_EVERY, Session, command_line
 from ahflows.checkpoint_a import train_from_cache
+from ahflows.epoch_scalars import EpochScalars
 from ahflows.raw_media import load_run_with_media
+from extract.listing import require_complete, split_coverage
+from extract.locks import folder_lock
 from extract.store import CacheReader
-from extract.vocab import parse_modalities
+from extract.vocab import TRAIN_SPLITS, check_split, parse_modalities
 from heads.config import ModelConfig
 from heads.data import load_split, resolve_device
 from heads.infer import evaluate_split, layers_needed, require_inputs
@@ -28,25 +32,28 @@ from heads.resume import check_out_folder
 from heads.run_files import RunError, cache_record
 from heads.topblocks import cache_prefix_problem
 
-# ---- training options shared by train-heads and finetune ------------------------------------------------
-
-
-
-
-
+TRAIN_LOG = "train.log"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train-heads")(train_heads_cmd)
+    app.command("train-heads", help=with_interrupt_help(train_heads_cmd.__doc__))(train_heads_cmd)
     app.command("evaluate")(evaluate_cmd)
 
 
 
 
-def _load(reader, split: str, modalities, text_window: bool, device: str, progress, layers=("last",)):
+def _load(reader, split: str, modalities, text_window: bool, device: str, progress, layers=("last",),
+          run: Session | None = None):
     task = progress.add_task(f"loading {split}", total=None)
+    ticker = run.ticker(f"loading {split}", "videos") if run is not None else None
+
+    def step(i: int, n: int) -> None:
+        progress.update(task, completed=i, total=n)
+        if ticker is not None:
+            ticker.update(i, n, force=i == n)
+
     data = load_split(reader, split, layers=layers, device=device, modalities=modalities, text_window=text_window,
-                      progress=lambda i, n: progress.update(task, completed=i, total=n))
+                      progress=step)
     progress.remove_task(task)
     return data
 
@@ -88,6 +95,8 @@ def train_heads_cmd(
     checkpoint_every: float = OPT_CHECKPOINT_EVERY,
     json_out: bool = OPT_JSON,
     stop_after: int = OPT_STOP_AFTER,
+    tensorboard: bool = OPT_TENSORBOARD,
+    log_every: float = OPT_LOG_EVERY,
 ) -> None:
     """Train the attention-pooling, conflict-fusion and text heads over a cache (paper protocol); with
     --unfreeze-top N also the top N blocks of each encoder, from the cached 'prefix' states."""
@@ -104,26 +113,38 @@ def train_heads_cmd(
         problem = cache_prefix_problem(reader.spec, unfreeze_top)
         if problem is not None:
             raise RunError(f"{cache}: --unfreeze-top {unfreeze_top}: {problem}")
-    want_window = text_source is TextSource.window and "text" in mods
-    with progress_bar() as progress:
-        train = _load(reader, "train", mods, want_window, device, progress, (cfg.input_layer,))
-        val = _load(reader, "val", mods, want_window, device, progress, (cfg.input_layer,))
-    model_cfg = ModelConfig(input_dims=train.dims(cfg.input_layer), **model_options(
-        modalities=modalities, no_conflict=no_conflict, dim=dim, head_hidden=head_hidden,
-        head_dropout=head_dropout, ffn_dropout=ffn_dropout, pooling=pooling))
-    top = f", top {unfreeze_top} encoder blocks unfrozen" if unfreeze_top else ""
-    console.print(f"train {len(train)} videos, val {len(val)} videos on {train.device}; "
-                  f"modalities {model_cfg.modalities}, conflict {'on' if model_cfg.conflict else 'off'}{top}")
-    result = train_with_progress(train_from_cache, train=train, val=val, model_cfg=model_cfg, cfg=cfg, out=out,
-                                 resume=resume, stop_after=stop_after or None, cache=cache_record(reader),
-                                 spec=reader.spec)
-    report_result(result, out, json_out)
+    with Session("train-heads", log_every, console) as run, folder_lock(out, "run folder"):
+        run.attach(out / TRAIN_LOG)
+        run.resume = command_line(("--resume",))
+        scalars = EpochScalars(out) if tensorboard else None
+        covs = [split_coverage(reader, s) for s in TRAIN_SPLITS]
+        warn_partial(run, covs, cache)
+        want_window = text_source is TextSource.window and "text" in mods
+        with progress_bar() as progress:
+            train = _load(reader, "train", mods, want_window, device, progress, (cfg.input_layer,), run)
+            val = _load(reader, "val", mods, want_window, device, progress, (cfg.input_layer,), run)
+        model_cfg = ModelConfig(input_dims=train.dims(cfg.input_layer), **model_options(
+            modalities=modalities, no_conflict=no_conflict, dim=dim, head_hidden=head_hidden,
+            head_dropout=head_dropout, ffn_dropout=ffn_dropout, pooling=pooling))
+        top = f", top {unfreeze_top} encoder blocks unfrozen" if unfreeze_top else ""
+        run.say(f"train {len(train)} videos, val {len(val)} videos on {train.device}; "
+                f"modalities {model_cfg.modalities}, conflict {'on' if model_cfg.conflict else 'off'}{top}")
+        try:
+            result = train_with_progress(train_from_cache, run, scalars, train=train, val=val, model_cfg=model_cfg,
+                                         cfg=cfg, out=out, resume=resume, stop_after=stop_after or None,
+                                         cache=cache_record(reader), spec=reader.spec,
+                                         videos={c.split: c.counts() for c in covs})
+        finally:
+            if scalars is not None:
+                scalars.close()
+        report_result(result, out, json_out, run)
 
 
 def evaluate_cmd(
     run: Path = typer.Argument(..., help="Run folder written by `ahcli train-heads` or `ahcli finetune`."),
     cache: Path = typer.Argument(..., help="The cache the run was trained on (its fingerprint is checked)."),
     split: str = typer.Option(..., "--split", help="Split to score: train, val, test or private."),
+    allow_partial: bool = OPT_ALLOW_PARTIAL,
     windows: int = typer.Option(5, help="Cached windows averaged per video (capped by what the cache holds)."),
     alpha: float = typer.Option(None, help="Text-head blend weight (default: the run's)."),
     threshold: float = typer.Option(None, help="Decision threshold (default: the run's, tuned on val)."),
@@ -135,9 +156,13 @@ def evaluate_cmd(
     device: str = OPT_DEVICE,
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
 ) -> None:
-    """Score a run on one split: multi-window inference, blending, the run's threshold, the BAH metrics."""
+    """Score a run on one split: multi-window inference, blending, the run's threshold, the BAH metrics. A split
+    the cache holds only part of (videos its split file lists that failed or were never extracted) is refused
+    unless --allow-partial; the result states videos scored / listed."""
 
+    check_split(split)
     reader = CacheReader(cache)
+    cov = require_complete(split_coverage(reader, split), str(cache), allow_partial)
     dev = resolve_device(device)
     r = load_run_with_media(run, cache=reader, device=dev, data_root=data, private_root=private_root, workers=workers)
     require_inputs(r, reader)               # a fine-tuned run needs prefix states or --data: one line before loading
@@ -149,13 +174,16 @@ def evaluate_cmd(
         console.print(f"{run}: running its fine-tuned encoders on the raw media of {data} (the cache has no "
                       "'prefix' states)", style="dim")
     res = evaluate_split(r, loaded, windows=windows, alpha=alpha, threshold=threshold, device=dev)
+    res |= {"listed": len(cov.listed), "missing": cov.missing}
     if json_out:
         typer.echo(json.dumps(res))
         return
     if res["metrics"] is None:
-        console.print(f"{split}: {res['videos']} videos, none labelled: no metrics (use `ahcli ensemble` for submissions)")
+        console.print(f"{split}: {res['videos']}/{len(cov.listed)} listed videos, none labelled: no metrics (use "
+                      "`ahcli ensemble` for submissions)")
         return
-    metrics_table(f"{split}: {res['videos']} videos, {res['windows']} window(s), alpha {res['alpha']}, "
+    metrics_table(f"{split}: {res['videos']}/{len(cov.listed)} listed videos"
+                  f"{' (PARTIAL: --allow-partial)' if cov.partial else ''}, {res['windows']} window(s), alpha {res['alpha']}, "
                    f"threshold {res['threshold']:.2f}", res["metrics"])
 
 

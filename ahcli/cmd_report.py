@@ -1,6 +1,7 @@
 """`ahcli report`, `ahcli explain`, `ahcli predict`: looking at results (wiring only; the work is in heads/)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -8,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ahcli.options import console
+from ahcli.options import OPT_ALLOW_PARTIAL, console
 from ahflows.explain import explain_video
 from ahflows.predict import predict_recording
 from ahflows.report import write_report
@@ -27,11 +28,18 @@ def report_cmd(
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache to score a run folder on (default: the one its config.json records, when it exists)."),
     windows: int = typer.Option(5, help="Cached eval windows averaged per video when a run is scored."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    allow_partial: bool = OPT_ALLOW_PARTIAL,
+    json_out: bool = typer.Option(False, "--json", help="Print {kind, report, images, notes} as one JSON object on stdout."),
 ) -> None:
     """Write PNG plots and report.md into FOLDER: training curves, Macro F1 against the threshold on val,
-    confusion matrices (val, test), precision-recall curves; bar charts for an ablation."""
+    confusion matrices (val, test), precision-recall curves; bar charts for an ablation. A run still training
+    or interrupted gets its curves and best epoch so far (from history.csv, written every epoch)."""
     with console.status(f"writing the report of {folder}"):
-        res = write_report(folder, cache=cache, windows=windows, device=device)
+        res = write_report(folder, cache=cache, windows=windows, device=device, allow_partial=allow_partial)
+    if json_out:
+        typer.echo(json.dumps({"kind": res.kind, "report": str(res.report), "images": [str(p) for p in res.images],
+                               "notes": res.notes}))
+        return
     for note in res.notes:
         console.print(f"[yellow]note[/] {note}", highlight=False, soft_wrap=True)
     console.print(f"{res.kind} report: {res.report} ({len(res.images)} PNG plots)")

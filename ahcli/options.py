@@ -2,6 +2,7 @@
 the same names on both), the console, progress bars and the per-epoch lines."""
 from __future__ import annotations
 
+import inspect
 import json
 from enum import Enum
 from pathlib import Path
@@ -10,7 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ahcli.session import Session, command_line
 from heads.config import TrainConfig
+from heads.train_state import TrainingStopped
 
 console = Console(stderr=True)
 
@@ -54,6 +57,29 @@ OPT_AMP = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA (the 
 OPT_RESUME = typer.Option(False, "--resume", help="Continue the interrupted run in OUT (or start it when there is none).")
 OPT_JSON = typer.Option(False, "--json", help="Print the final metrics.json on stdout.")
 OPT_STOP_AFTER = typer.Option(0, "--stop-after", hidden=True, help="Stop after this epoch's checkpoint (testing).")
+OPT_TENSORBOARD = typer.Option(
+    False, "--tensorboard", help="Also log the per-epoch scalars for TensorBoard in OUT/tensorboard (needs the "
+    "optional tensorboard package).")
+OPT_ALLOW_PARTIAL = typer.Option(
+    False, "--allow-partial", help="Score a split even when the cache lacks some of the videos its split file "
+    "lists (failed or not extracted); the output states videos scored / listed. Refused by default.")
+INTERRUPT_HELP = ("SIGINT/SIGTERM: the epoch in progress is finished and checkpointed (at most one epoch plus a "
+                  "checkpoint write: seconds on a GPU), one line names the command that resumes, exit 130/143; "
+                  "a second signal stops at once, keeping the last checkpoint. The run folder is locked while "
+                  "training (a second writer is refused) and keeps a log in OUT/train.log and the history "
+                  "in OUT/history.csv, one row per epoch as it goes.")
+
+
+def reflow(doc: str | None) -> str:
+    """A docstring as help text: each paragraph on one line (typer keeps later paragraphs' line breaks)."""
+    return "\n\n".join(" ".join(par.split()) for par in inspect.cleandoc(doc or "").split("\n\n"))
+
+
+def with_interrupt_help(doc: str | None) -> str:
+    """A training command's help: its docstring reflowed, then what a signal does."""
+    return reflow(doc) + "\n\n" + INTERRUPT_HELP
+
+
 OPT_CHECKPOINT_EVERY = typer.Option(
     60.0, "--checkpoint-every", help="Least seconds between resume checkpoints (~1 GB each at the paper's sizes); "
     "the last epoch is always written. 0: after every epoch.")
@@ -83,36 +109,56 @@ def progress_bar():
                     console=console, transient=True)
 
 
-def train_with_progress(train_fn, **kw):
-    """Run a trainer (ahflows.checkpoint_a.train_from_cache or ahflows.finetune.finetune) with per-epoch lines and a
-    per-step bar; returns its TrainResult."""
-    console.print("per epoch: loss = train/val, * = best so far, t = threshold tuned on val", style="dim")
+def train_with_progress(train_fn, run: Session, scalars=None, **kw):
+    """Run a trainer (ahflows.checkpoint_a.train_from_cache or ahflows.finetune.finetune) with per-epoch lines
+    (console and log), a per-step bar on a terminal or paced step lines elsewhere, optional TensorBoard
+    scalars, and clean interruption: after a signal the epoch in progress finishes and is checkpointed.
+    Returns its TrainResult."""
+    run.say("per epoch: loss = train/val, * = best so far, t = threshold tuned on val", style="dim")
+    steps = run.ticker("epoch 1", "steps")
     with progress_bar() as progress:
         task = progress.add_task("epoch 1", total=None)
 
         def on_step(i: int, n: int) -> None:
             progress.update(task, completed=i, total=n)
+            steps.update(i, n)
 
         def on_epoch(rec, prog) -> None:
             mark = "*" if prog.best_epoch == rec.epoch else " "
-            console.print(f"epoch {rec.epoch:3d}{mark} loss {rec.train_loss:.4f}/{rec.val_loss:.4f}  "
-                          f"val F1 {rec.val_macro_f1:.4f} (AH {rec.val_f1_ah:.3f}, NoAH {rec.val_f1_noah:.3f}) "
-                          f"t={rec.threshold:.2f}", highlight=False, soft_wrap=True)
+            run.say(f"epoch {rec.epoch:3d}{mark} loss {rec.train_loss:.4f}/{rec.val_loss:.4f}  "
+                    f"val F1 {rec.val_macro_f1:.4f} (AH {rec.val_f1_ah:.3f}, NoAH {rec.val_f1_noah:.3f}) "
+                    f"t={rec.threshold:.2f}")
+            if scalars is not None:
+                scalars.epoch(rec)
             progress.update(task, description=f"epoch {rec.epoch + 1}", completed=0)
+            steps.restart(f"epoch {rec.epoch + 1}")
+            if run.stop.requested:
+                raise TrainingStopped               # fit checkpoints this epoch and returns
 
-        return train_fn(on_epoch=on_epoch, on_step=on_step, **kw)
+        with run.stop.finishing():
+            return train_fn(on_epoch=on_epoch, on_step=on_step, **kw)
 
 
-def report_result(result, out: Path, json_out: bool) -> None:
+def report_result(result, out: Path, json_out: bool, run: Session) -> None:
     if not result.completed:
-        console.print(f"stopped after epoch {len(result.history)}; continue with --resume")
+        if run.stop.requested:
+            raise run.interrupted(f"epoch {len(result.history)} checkpointed in {out}", command_line(("--resume",)))
+        run.say(f"stopped after epoch {len(result.history)}; continue with --resume")
         raise typer.Exit(0)
     record = result.metrics_record()
     if json_out:
         typer.echo(json.dumps(record))
     else:
         metrics_table(f"best epoch {result.best_epoch} (val, threshold {result.threshold:.2f})", result.val_metrics)
-        console.print(f"run written to {out}")
+        run.say(f"run written to {out}")
+
+
+def warn_partial(run: Session, covs, where) -> None:
+    """One line per split trained on with listed videos missing (training is not refused; scoring is)."""
+    for cov in covs:
+        if cov.partial:
+            run.say(f"warning: {where}: training uses {cov.fraction()} listed {cov.split} videos "
+                    f"({len(cov.missing)} missing, e.g. {cov.missing[0]})", style="yellow")
 
 
 def metrics_table(title: str, m: dict) -> None:

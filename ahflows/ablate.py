@@ -39,8 +39,11 @@ from ahflows.checkpoint_a import train_from_cache
 from ahflows.submission import quantise
 from extract.errors import AHError
 from extract.files import atomic_write_text
+from extract.listing import require_complete, split_coverage
+from extract.locks import folder_lock
+from extract.stopping import never
 from extract.store import CacheReader
-from extract.vocab import LAST, PREFIX, parse_modalities
+from extract.vocab import LAST, PREFIX, PUBLIC_SPLITS, parse_modalities
 from heads.config import ModelConfig, TrainConfig
 from heads.data import load_split
 from heads.infer import predict_split
@@ -215,6 +218,8 @@ class AblationResult:
     aggregated: list[Row]             # one per config x split
     markdown: str
     seconds: float
+    stopped: bool = False             # interrupted: only OUT/trainings.jsonl was written (see ablate())
+    trainings: tuple[int, int] = (0, 0)   # (finished, planned)
 
 
 def _log_key(fingerprint: str, base: dict, quick: bool, windows: int) -> str:
@@ -249,6 +254,7 @@ class AblationData:
     fingerprint: str
     cache: dict[str, Any]             # heads.run_files.cache_record: {fingerprint, path}
     name: str                         # shown in ablation.md
+    videos: dict[str, Any] = field(default_factory=dict)   # split -> videos used or scored / listed
 
 
 def choose_a(spec: dict | None, quick: bool, frozen_a: bool) -> tuple[bool, str]:
@@ -258,10 +264,14 @@ def choose_a(spec: dict | None, quick: bool, frozen_a: bool) -> tuple[bool, str]
 
 
 def load_data(cache: Path, quick: bool = False, frozen_a: bool = False, device: str = "auto",
-              on_load: Callable[[str], None] | None = None) -> AblationData:
-    """train, val and (when present) test, each read from the cache once, with every layer the plan needs."""
+              on_load: Callable[[str], None] | None = None, allow_partial: bool = False) -> AblationData:
+    """train, val and (when listed) test, each read from the cache once, with every layer the plan needs.
+    A val or test split the cache holds only part of is refused unless `allow_partial`."""
 
     reader = CacheReader(cache)
+    covs = {s: split_coverage(reader, s) for s in PUBLIC_SPLITS}
+    for s in ("val", "test"):
+        require_complete(covs[s], str(cache), allow_partial)
     a_ok, _ = choose_a(reader.spec, quick, frozen_a)
     window_text = make_plan(reader.spec, quick, a_ok, "").window_text
     layers = (LAST, PREFIX) if a_ok else (LAST,)
@@ -272,8 +282,9 @@ def load_data(cache: Path, quick: bool = False, frozen_a: bool = False, device: 
         return load_split(reader, split, layers=layers, device=device, text_window=window_text)
 
     test = load("test") if reader.video_ids("test") else None
+    videos = {s: c.counts() for s, c in covs.items() if c.listed}
     return AblationData(load("train"), load("val"), test, reader.spec, reader.fingerprint,
-                        cache_record(reader), str(cache))
+                        cache_record(reader), str(cache), videos)
 
 
 @dataclass
@@ -285,6 +296,13 @@ class AblationOptions:
     device: str = "auto"
     resume: bool = False
     frozen_a: bool = False
+    only_seed: int | None = None      # run this seed alone (one job per seed; merged with `merge`)
+    merge: list[Path] = field(default_factory=list)    # ablation folders whose finished trainings to reuse
+    allow_partial: bool = False       # score val/test even when the cache lacks some listed videos
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.only_seed] if self.only_seed is not None else list(range(self.seeds))
 
 
 def run_ablation(
@@ -301,28 +319,54 @@ def run_ablation(
     on_load: Callable[[str], None] | None = None,
     on_training: Callable[[str, int, int], None] | None = None,
     on_epoch: Callable[[Any, Any], None] | None = None,
+    should_stop: Callable[[], bool] = never,
+    **more: Any,
 ) -> AblationResult:
     """Train and score every ablation config for `seeds` seeds (0..seeds-1); write OUT/ablation.md and
-    OUT/ablation.csv. `base` overrides TrainConfig/ModelConfig options for every training."""
+    OUT/ablation.csv. `base` overrides TrainConfig/ModelConfig options for every training; `more` takes
+    AblationOptions' only_seed, merge and allow_partial. OUT is locked while it is written."""
     t0 = time.perf_counter()
     base = dict(base or {})
     _, train_over = split_overrides(base)
     TrainConfig(**train_over)                         # refuse bad values before loading anything
-    if seeds < 1 or windows < 1:
+    opts = AblationOptions(seeds, base, quick, windows, device, resume, frozen_a, **more)
+    _check(opts)
+    with folder_lock(out, "ablation folder"):
+        data = load_data(cache, quick, frozen_a, train_over.get("device", device), on_load, opts.allow_partial)
+        return ablate(data, out, opts, on_training=on_training, on_epoch=on_epoch, started=t0,
+                      should_stop=should_stop)
+
+
+def _check(opts: AblationOptions) -> None:
+    if opts.seeds < 1 or opts.windows < 1:
         raise AblationError("seeds and windows must be >= 1")
-    data = load_data(cache, quick, frozen_a, train_over.get("device", device), on_load)
-    opts = AblationOptions(seeds, base, quick, windows, device, resume, frozen_a)
-    return ablate(data, out, opts, on_training=on_training, on_epoch=on_epoch, started=t0)
+    if opts.only_seed is not None and not 0 <= opts.only_seed < opts.seeds:
+        raise AblationError(f"--only-seed {opts.only_seed}: must lie in 0..{opts.seeds - 1} (--seeds {opts.seeds})")
+    for folder in opts.merge:
+        if not (Path(folder) / LOG_FILE).is_file():
+            raise AblationError(f"{folder}: not an ablation folder to merge (no {LOG_FILE})")
+
+
+def _reused(log_path: Path, key: str, opts: AblationOptions) -> dict[tuple[str, int], dict]:
+    """Finished trainings to reuse: OUT's own with --resume, and every merged folder's (same cache and options)."""
+    done = _read_log(log_path, key) if opts.resume else {}
+    for folder in opts.merge:
+        for k, rec in _read_log(Path(folder) / LOG_FILE, key).items():
+            done.setdefault(k, rec)
+    return done
 
 
 def ablate(data: AblationData, out: Path, opts: AblationOptions, *,
            on_training: Callable[[str, int, int], None] | None = None,
-           on_epoch: Callable[[Any, Any], None] | None = None, started: float | None = None) -> AblationResult:
-    """The ablation over splits already in memory (run_ablation loads them)."""
+           on_epoch: Callable[[Any, Any], None] | None = None, started: float | None = None,
+           should_stop: Callable[[], bool] = never) -> AblationResult:
+    """The ablation over splits already in memory (run_ablation loads them). When `should_stop` says so (asked
+    before each training; a training stopped by on_epoch's TrainingStopped counts too), the finished trainings
+    stay in OUT/trainings.jsonl, the one in progress is dropped, no table is written and the result says
+    `stopped`: `--resume` continues from there and ends with the same tables."""
     t0 = time.perf_counter() if started is None else started
-    if opts.seeds < 1 or opts.windows < 1:
-        raise AblationError("seeds and windows must be >= 1")
-    seeds, base, quick, windows, device = opts.seeds, dict(opts.base), opts.quick, opts.windows, opts.device
+    _check(opts)
+    base, quick, windows, device = dict(opts.base), opts.quick, opts.windows, opts.device
     model_over, train_over = split_overrides(base)
     a_ok, a_reason = choose_a(data.spec, quick, opts.frozen_a)
     plan = make_plan(data.spec, quick, a_ok, a_reason)
@@ -335,19 +379,22 @@ def ablate(data: AblationData, out: Path, opts: AblationOptions, *,
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_FILE
     key = _log_key(data.fingerprint, base, quick, windows)
-    done = _read_log(log_path, key) if opts.resume else {}
+    done = _reused(log_path, key, opts)
     # Keep only this ablation's complete records (a kill may have cut the last line), then append to it.
     atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in done.values()))
     rows: list[Row] = []
-    total = len(plan.trainings) * seeds
+    seeds = opts.seed_list
+    total = len(plan.trainings) * len(seeds)
     k = 0
-    for seed in range(seeds):
+    for seed in seeds:
         ens: dict[str, dict[str, list[float]]] = {}
         for t in plan.trainings:
             k += 1
+            rec = done.get((t.name, seed))
+            if rec is None and should_stop():
+                return AblationResult([], [], "", time.perf_counter() - t0, stopped=True, trainings=(k - 1, total))
             if on_training is not None:
                 on_training(f"{t.name} seed {seed}", k, total)
-            rec = done.get((t.name, seed))
             if rec is None:
                 mods = parse_modalities(t.modalities)
                 mcfg = ModelConfig(input_dims=train.dims("last"), modalities=t.modalities, conflict=t.conflict,
@@ -358,6 +405,9 @@ def ablate(data: AblationData, out: Path, opts: AblationOptions, *,
                     tkw["unfreeze_top"] = t.unfreeze_top
                 tcfg = TrainConfig(**{"device": device, **tkw})
                 result = train_from_cache(train, val, mcfg, tcfg, spec=data.spec, on_epoch=on_epoch, cache=data.cache)
+                if not result.completed:               # stopped by a signal: dropped, redone on --resume
+                    return AblationResult([], [], "", time.perf_counter() - t0, stopped=True,
+                                          trainings=(k - 1, total))
                 run = as_run(result, t.name, data.cache)
                 r_rows, r_ens = evaluate_training(run, t, seed, evals, windows, cap,
                                                   full_model=(t.name == "vat"))
@@ -372,15 +422,18 @@ def ablate(data: AblationData, out: Path, opts: AblationOptions, *,
             rows += single_rows(seed, "single_A", ens[plan.checkpoint_a], labels, cap)
             rows += single_rows(seed, "single_B", ens["vat-eps0.1"], labels, cap)
             rows += ensemble_rows(seed, ens[plan.checkpoint_a], ens["vat-eps0.1"], labels, cap)
+    for r in rows:                                    # videos scored / listed of each row's split
+        counts = data.videos.get(r.split) or {}
+        r.videos, r.listed = counts.get("scored"), counts.get("listed")
     agg = aggregate(rows)
     seconds = time.perf_counter() - t0
-    meta = {"cache": data.name, "fingerprint": data.fingerprint, "seeds": list(range(seeds)),
+    meta = {"cache": data.name, "fingerprint": data.fingerprint, "seeds": seeds, "videos": data.videos,
             "trainings": total, "seconds": seconds, "device": str(train.device), "base": base,
             "windows": windows, "quick": quick, "a_note": plan.a_note, "window_text": plan.window_text, "cap": cap}
     md = markdown(agg, meta)
     write_csv(out / "ablation.csv", rows + agg)
     atomic_write_text(out / "ablation.md", md)
-    return AblationResult(rows, agg, md, seconds)
+    return AblationResult(rows, agg, md, seconds, trainings=(total, total))
 
 
 __all__ = ["run_ablation", "ablate", "load_data", "AblationData", "AblationResult", "AblationError", "Training",

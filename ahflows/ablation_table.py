@@ -18,7 +18,9 @@ from extract.vocab import ALL_LETTERS
 
 METRICS = ("macro_f1", "f1_ah", "f1_noah")
 CSV_COLUMNS = ("table", "config", "split", "seed", "n_seeds", "macro_f1", "macro_f1_std", "f1_ah", "f1_ah_std",
-               "f1_noah", "f1_noah_std", "ap", "accuracy", "threshold", "alpha", "windows", "best_epoch", "seconds")
+               "f1_noah", "f1_noah_std", "ap", "accuracy", "threshold", "alpha", "windows", "best_epoch", "seconds",
+               "videos", "listed")
+OLD_COLUMNS = CSV_COLUMNS[:-2]        # ablation.csv files written before videos / listed were recorded
 B_SMOOTHING = 0.1
 
 
@@ -44,6 +46,8 @@ class Row:
     seconds: float | None = None
     n_seeds: int = 1
     std: dict[str, float] = field(default_factory=dict)
+    videos: int | None = None         # videos of the split scored
+    listed: int | None = None         # videos its split file lists
 
 
 def aggregate(rows: Sequence[Row]) -> list[Row]:
@@ -60,7 +64,7 @@ def aggregate(rows: Sequence[Row]) -> list[Row]:
         std = {k: float(np.std([getattr(r, k) for r in rs], ddof=1)) if len(rs) > 1 else 0.0 for k in METRICS}
         out.append(Row(table, config, split, "mean", mean("macro_f1"), mean("f1_ah"), mean("f1_noah"), mean("ap"),
                        mean("accuracy"), mean("threshold"), rs[0].alpha, rs[0].windows, None, mean("seconds"),
-                       n_seeds=len(rs), std=std))
+                       n_seeds=len(rs), std=std, videos=rs[0].videos, listed=rs[0].listed))
     return out
 
 
@@ -121,7 +125,8 @@ def markdown(agg: Sequence[Row], meta: dict[str, Any]) -> str:
            f"{meta['trainings']} trainings in {meta['seconds']:.0f} s on {meta['device']}.",
            f"Options: {json.dumps(meta['base'], sort_keys=True) if meta['base'] else 'the paper defaults'}.",
            f"Tables 4 and 5 use {meta['windows']} inference window(s) (the paper: 1); each setting's threshold "
-           "is swept on val at that setting. Cells: mean ± sample std over seeds.", ""]
+           "is swept on val at that setting. Cells: mean ± sample std over seeds.", videos_line(meta.get("videos")),
+           ""]
     has_test = any(r.split == "test" for r in agg)
     test = ["test"] if has_test else ["val"]
     out += table("Table 4. Component ablation (" + test[0] + " split)", "4", TABLE4, test, "Configuration")
@@ -140,6 +145,15 @@ def markdown(agg: Sequence[Row], meta: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def videos_line(videos: dict[str, Any] | None) -> str:
+    """'Videos used or scored / listed in the split files: train 24/24, val 12/12, test 4/8 (PARTIAL).'"""
+    if not videos:
+        return "Videos scored / listed: not recorded."
+    parts = [f"{s} {v['scored']}/{v['listed']}" + (" (PARTIAL: --allow-partial)" if v["scored"] < v["listed"] else "")
+             for s, v in videos.items()]
+    return "Videos used or scored / listed in the split files: " + ", ".join(parts) + "."
+
+
 def full_vs_single(agg: Sequence[Row], split: str = "test") -> float | None:
     by = {(r.config, r.split): r.macro_f1 for r in agg if r.table == "5"}
     full = by.get(("modality=vat", split))
@@ -149,9 +163,7 @@ def full_vs_single(agg: Sequence[Row], split: str = "test") -> float | None:
     return full - max(singles)
 
 
-
-
-_INTS = ("n_seeds", "windows", "best_epoch")
+_INTS = ("n_seeds", "windows", "best_epoch", "videos", "listed")
 _FLOATS = ("macro_f1", "f1_ah", "f1_noah", "ap", "accuracy", "threshold", "alpha", "seconds")
 
 
@@ -161,7 +173,7 @@ def read_csv(path: Path) -> list[Row]:
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+            if tuple(reader.fieldnames or ()) not in (CSV_COLUMNS, OLD_COLUMNS):
                 raise AblationTableError(f"{path}: not an ablation.csv of `ahcli ablate` (columns "
                                          f"{', '.join(reader.fieldnames or [])})")
             raw = list(reader)
@@ -171,7 +183,7 @@ def read_csv(path: Path) -> list[Row]:
     for i, r in enumerate(raw, start=2):
         try:
             val = {k: (float(r[k]) if r[k] != "" else None) for k in _FLOATS}
-            val |= {k: (int(float(r[k])) if r[k] != "" else None) for k in _INTS}
+            val |= {k: (int(float(r[k])) if r.get(k) not in ("", None) else None) for k in _INTS}
             std = {k: float(r[f"{k}_std"]) for k in METRICS if r[f"{k}_std"] != ""}
             seed = r["seed"] if r["seed"] == "mean" else int(r["seed"])
         except (ValueError, TypeError) as exc:

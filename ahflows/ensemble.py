@@ -23,6 +23,9 @@ from ahflows.submission import (DECIMALS, PLACEHOLDER_P1, check_missing, private
                                 write_submission)
 from extract.errors import AHError
 from extract.files import atomic_write_json, atomic_write_text
+from extract.listing import require_complete, split_coverage
+from extract.locks import folder_lock
+from extract.stopping import never
 from extract.store import CacheReader
 from extract.vocab import SPLITS
 from heads.data import SplitData, load_split, resolve_device
@@ -30,6 +33,9 @@ from heads.infer import data_needs, predict_split
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.run_files import read_config
 from heads.runs import Run
+
+
+SCORED = ("val", "test")                  # the splits whose metrics are reported (private: see submission.py)
 
 
 class EnsembleError(AHError):
@@ -90,11 +96,15 @@ def cache_splits(reader: CacheReader) -> list[str]:
 
 
 def score_splits(reader: CacheReader, runs: Sequence[Run], splits: Sequence[str], windows: int, device,
-                 on_split: Callable[[str], None] | None = None) -> dict[str, SplitScores]:
-    """Every run's and the ensemble's probabilities per split; each split loaded once, then released."""
+                 on_split: Callable[[str], None] | None = None,
+                 should_stop: Callable[[], bool] = never) -> dict[str, SplitScores] | None:
+    """Every run's and the ensemble's probabilities per split; each split loaded once, then released.
+    None when `should_stop` says so before a split."""
     needs = data_needs(runs, reader)
     out = {}
     for split in splits:
+        if should_stop():
+            return None
         if on_split is not None:
             on_split(split)
         data = load_split(reader, split, layers=needs.layers, device=device, modalities=needs.modalities,
@@ -140,12 +150,17 @@ def run_ensemble(
     data_root: Path | None = None,
     private_root: Path | None = None,
     allow_missing: bool = False,
+    allow_partial: bool = False,
     device: str = "auto",
     warn: Callable[[str], None] | None = None,
     on_split: Callable[[str], None] | None = None,
-) -> dict:
+    should_stop: Callable[[], bool] = never,
+) -> dict | None:
     """Average the runs over `cache`, tune the threshold on val, write OUT/metrics.json, OUT/predictions.csv
-    and (with a private split) the submission files. Returns the metrics.json content."""
+    and (with a private split) the submission files. Returns the metrics.json content, or None when
+    `should_stop` said so between two splits (nothing is written then: a rerun starts over, in seconds).
+    A val or test split the cache holds only part of is refused unless `allow_partial`; metrics.json states
+    videos scored / listed per split. OUT is locked while it is written."""
 
     if windows < 1:
         raise EnsembleError(f"windows must be >= 1 (got {windows})")
@@ -159,7 +174,19 @@ def run_ensemble(
     splits = cache_splits(reader)
     if "val" not in splits:
         raise EnsembleError(f"{cache}: the cache holds no val split: the threshold cannot be tuned")
-    scores = score_splits(reader, loaded, splits, windows, device, on_split)
+    coverage = {s: split_coverage(reader, s) for s in splits}
+    for s in SCORED:
+        if s in coverage:
+            require_complete(coverage[s], str(cache), allow_partial)
+    with folder_lock(out, "ensemble folder"):
+        scores = score_splits(reader, loaded, splits, windows, device, on_split, should_stop)
+        if scores is None:
+            return None
+        return _write(out, reader, loaded, scores, coverage, order, windows, warn)
+
+
+def _write(out: Path, reader: CacheReader, loaded: list[Run], scores: dict[str, SplitScores], coverage: dict,
+           order, windows: int, warn) -> dict:
     t = tune_threshold(scores["val"])
     test = scores.get("test")
     record = {
@@ -168,8 +195,8 @@ def run_ensemble(
         "test": None if test is None else _metrics(test, test.probs, t),
         "runs": [_run_record(r, i, scores, windows) for i, r in enumerate(loaded)],
         "cache_fingerprint": reader.fingerprint,
+        "videos": {s: c.counts() for s, c in coverage.items()},
     }
-    out.mkdir(parents=True, exist_ok=True)
     write_predictions(out / "predictions.csv", scores, t)
     if order is not None:
         priv = scores.get("private")

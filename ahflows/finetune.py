@@ -25,6 +25,7 @@ from torch import Tensor
 from ahflows.raw_media import LowerEncoders, RawBatch, RawItem, decoded, eval_starts, raw_window_logits
 from extract.bah import Video, read_bah
 from extract.errors import AHError
+from extract.listing import Coverage
 from extract.spec import ExtractionSpec, load_spec
 from extract.vocab import TRAIN_SPLITS, parse_modalities
 from heads.config import ModelConfig, TrainConfig
@@ -56,6 +57,7 @@ class FinetuneData:
     train: list
     val: list
     problems: list = field(default_factory=list)
+    coverage: dict = field(default_factory=dict)     # split -> extract.listing.Coverage (used / listed)
 
 
 def read_finetune_data(data_root: Path, allow_symlinks: bool = False) -> FinetuneData:
@@ -67,7 +69,9 @@ def read_finetune_data(data_root: Path, allow_symlinks: bool = False) -> Finetun
         raise FinetuneError(f"{data_root}: no readable labelled train videos")
     if not val:
         raise FinetuneError(f"{data_root}: no readable labelled val videos (needed to select the epoch)")
-    return FinetuneData(train, val, list(ds.problems))
+    coverage = {s: Coverage(s, ds.listed.get(s, []), [v.video_id for v in vids])
+                for s, vids in (("train", train), ("val", val))}
+    return FinetuneData(train, val, list(ds.problems), coverage)
 
 
 @dataclass
@@ -160,7 +164,8 @@ def finetune(
     if on_data is not None:
         on_data(ft.data)
     return fit(ft.learner, ft.model_cfg, cfg, out, resume=resume, stop_after=stop_after, on_epoch=on_epoch,
-               on_step=on_step, cache=ft.cache, extra=extra, encoders=ft.encoders)
+               on_step=on_step, cache=ft.cache, extra=extra, encoders=ft.encoders,
+               videos={s: c.counts() for s, c in ft.data.coverage.items()})
 
 
 def _batch(items: list[RawItem], videos: Sequence) -> RawBatch:

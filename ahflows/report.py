@@ -21,12 +21,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ahflows.ablation_table import read_csv
+from ahflows.ablation_table import read_csv, videos_line
 from ahflows.ensemble import cache_splits, score_splits
 from ahflows.plots import (METRIC_LABELS, AblationRow, SplitPredictions, plot_ablation_bars, plot_confusion,
                            plot_pr_curves, plot_threshold_curve, plot_training_curves)
 from extract.errors import AHError
 from extract.files import read_json_object
+from extract.listing import require_complete, split_coverage
 from extract.store import CacheReader
 from extract.vocab import canonical_letters, is_letters
 from heads.data import resolve_device
@@ -102,12 +103,19 @@ def predictions_from_csv(path: Path) -> dict[str, SplitPredictions]:
 
 
 def predictions_from_run(run_dir: Path, cache: Path, windows: int = 5, device: str = "auto",
-                         splits: Sequence[str] = ("val", "test")) -> tuple[dict[str, SplitPredictions], Any]:
-    """Score a run over its cache (the same inference as `ahcli evaluate`): per split, and the loaded run."""
+                         splits: Sequence[str] = ("val", "test"), allow_partial: bool = False,
+                         listed: dict[str, int] | None = None) -> tuple[dict[str, SplitPredictions], Any]:
+    """Score a run over its cache (the same inference as `ahcli evaluate`): per split, and the loaded run.
+    A split the cache holds only part of is refused unless `allow_partial`; `listed` gets each scored
+    split's listed count."""
 
     reader = CacheReader(cache)
     run = load_run(run_dir, cache=reader, device=resolve_device(device))
     present = [s for s in splits if s in cache_splits(reader)]
+    for split in present:
+        cov = require_complete(split_coverage(reader, split), str(cache), allow_partial)
+        if listed is not None:
+            listed[split] = len(cov.listed)
     scores = score_splits(reader, [run], present, windows, device)
     out = {}
     for split, s in scores.items():
@@ -179,13 +187,18 @@ def _fmt(x: Any) -> str:
     return "-" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
 
 
-def _metrics_table(rows: Sequence[tuple[str, dict | None]]) -> list[str]:
-    lines = ["| | Macro F1 | F1-AH | F1-NoAH | AP | accuracy | videos |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, m in rows:
+def _metrics_table(rows: Sequence[tuple[str, dict | None, int | None]]) -> list[str]:
+    """Rows (name, metrics, videos the split file lists or None when unknown)."""
+    lines = ["| | Macro F1 | F1-AH | F1-NoAH | AP | accuracy | videos scored / listed |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m, listed in rows:
         if not m:
             continue
+        videos = _fmt(m.get("videos")) + ("" if listed is None else f" / {listed}")
+        if listed is not None and isinstance(m.get("videos"), int) and m["videos"] < listed:
+            videos += " (PARTIAL)"
         lines.append(f"| {name} | {_fmt(m.get('macro_f1'))} | {_fmt(m.get('f1_ah'))} | {_fmt(m.get('f1_noah'))} | "
-                     f"{_fmt(m.get('ap'))} | {_fmt(m.get('accuracy'))} | {_fmt(m.get('videos'))} |")
+                     f"{_fmt(m.get('ap'))} | {_fmt(m.get('accuracy'))} | {videos} |")
     return lines
 
 
@@ -213,23 +226,61 @@ def _prediction_plots(folder: Path, preds: dict[str, SplitPredictions], threshol
         _img(lines, images, plot_pr_curves([preds[s] for s in shown], folder / "pr.png"), "precision-recall curves")
 
 
-def _run_curves(run_dir: Path, out: Path, name: str) -> Path | None:
-    hist_path, metrics_path = run_dir / "history.csv", run_dir / "metrics.json"
-    if not hist_path.is_file() or not metrics_path.is_file():
-        return None
+def _history(run_dir: Path) -> list[dict[str, Any]]:
+    """history.csv's rows (written one per epoch as a run goes), [] when there is none yet."""
+    path = run_dir / "history.csv"
+    if not path.is_file():
+        return []
+    try:
+        return read_history(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ReportError(f"{path}: not a readable history ({exc})") from exc
 
-    history = read_history(hist_path)
+
+def best_so_far(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch the run would keep now: the best val Macro F1, the earlier on ties (heads/train.py's rule)."""
+    return max(history, key=lambda h: (h["val_macro_f1"], -h["epoch"]))
+
+
+def _run_curves(run_dir: Path, out: Path, name: str) -> Path | None:
+    history, metrics_path = _history(run_dir), run_dir / "metrics.json"
     if not history:
         return None
-    best = int(_read_json(metrics_path).get("best_epoch", history[-1]["epoch"]))
-    return plot_training_curves(history, best, out, title=f"{name}: training curves (chosen epoch {best})")
+    if metrics_path.is_file():
+        best, what = int(_read_json(metrics_path).get("best_epoch", history[-1]["epoch"])), "chosen epoch"
+    else:
+        best, what = int(best_so_far(history)["epoch"]), "best so far, run not finished"
+    return plot_training_curves(history, best, out, title=f"{name}: training curves ({what} {best})")
 
 
-def report_run(folder: Path, cache: Path | None = None, windows: int = 5, device: str = "auto") -> ReportResult:
+def report_unfinished_run(folder: Path) -> ReportResult:
+    """A run still training or interrupted: its curves and best epoch so far, from history.csv alone."""
+    history = _history(folder)
+    if not history:
+        raise ReportError(f"{folder}: no epoch finished yet (history.csv has no rows); report it after the first "
+                          "epoch")
+    best = best_so_far(history)
+    lines = [f"# Run report: {folder.name} (not finished)", "",
+             f"{len(history)} epoch(s) finished; no metrics.json yet: the run is still training, or was "
+             "interrupted (finish it with --resume). Scores come once it has finished.", "",
+             "## Best epoch so far", "", "| epoch | val Macro F1 | F1-AH | F1-NoAH | threshold |",
+             "|---:|---:|---:|---:|---:|",
+             f"| {best['epoch']} | {best['val_macro_f1']:.4f} | {best['val_f1_ah']:.4f} | {best['val_f1_noah']:.4f} | "
+             f"{best['threshold']:.2f} |", ""]
+    images: list[Path] = []
+    curves = _run_curves(folder, folder / "curves.png", folder.name)
+    if curves is not None:
+        lines += ["## Training curves", ""]
+        _img(lines, images, curves, "training curves")
+    return _finish(folder, "run", lines, images, [f"run not finished: {len(history)} epoch(s) in history.csv"])
+
+
+def report_run(folder: Path, cache: Path | None = None, windows: int = 5, device: str = "auto",
+               allow_partial: bool = False) -> ReportResult:
     folder = Path(folder)
     metrics_path = folder / "metrics.json"
     if not metrics_path.is_file():
-        raise ReportError(f"{folder}: run is incomplete (metrics.json missing); finish it with --resume")
+        return report_unfinished_run(folder)
     metrics = _read_json(metrics_path)
     lines = [f"# Run report: {folder.name}", ""]
     images: list[Path] = []
@@ -249,14 +300,17 @@ def report_run(folder: Path, cache: Path | None = None, windows: int = 5, device
         lines += ["## Training curves", ""]
         _img(lines, images, curves, "training curves")
     where = run_cache_path(folder, cache)
-    table = [("val (at training)", metrics.get("val"))]
+    trained = (metrics.get("videos") or {}).get("val") or {}
+    table = [("val (at training)", metrics.get("val"), trained.get("listed"))]
     if where is None:
         notes.append("no cache given and the recorded one is not on disk: pass --cache CACHE for the "
                      "threshold, confusion and precision-recall plots")
     else:
-        preds, run = predictions_from_run(folder, where, windows=windows, device=device)
+        listed: dict[str, int] = {}
+        preds, run = predictions_from_run(folder, where, windows=windows, device=device, allow_partial=allow_partial,
+                                          listed=listed)
         threshold = float(run.threshold)
-        table = [(s, _split_metrics(p, threshold)) for s, p in preds.items()]
+        table = [(s, _split_metrics(p, threshold), listed.get(s)) for s, p in preds.items()]
         _prediction_plots(folder, preds, threshold, lines, images, notes)
     lines[4:4] = ["## Scores", "", *_metrics_table(table), ""]
     return _finish(folder, "run", lines, images, notes)
@@ -277,8 +331,9 @@ def report_ensemble(folder: Path) -> ReportResult:
     images: list[Path] = []
     notes: list[str] = []
     members = metrics.get("runs") or []
-    table = [(s, metrics.get(s)) for s in ("val", "test")]
-    lines += ["## Scores", "", *_metrics_table([(f"ensemble, {s}", m) for s, m in table]), ""]
+    videos = metrics.get("videos") or {}
+    table = [(s, metrics.get(s), (videos.get(s) or {}).get("listed")) for s in ("val", "test")]
+    lines += ["## Scores", "", *_metrics_table([(f"ensemble, {s}", m, n) for s, m, n in table]), ""]
     if members:
         lines += ["## Members", "", "| run | modalities | label smoothing | threshold | val Macro F1 | test Macro F1 |",
                   "|---|---|---:|---:|---:|---:|"]
@@ -303,10 +358,19 @@ def report_ensemble(folder: Path) -> ReportResult:
     return _finish(folder, "ensemble", lines, images, notes)
 
 
+def _ablation_videos(path: Path) -> str:
+    """The videos scored / listed per split, as ablation.csv records them."""
+    videos: dict[str, dict] = {}
+    for r in read_csv(path):
+        if r.listed is not None:
+            videos.setdefault(r.split, {"scored": r.videos, "listed": r.listed})
+    return videos_line(videos)
+
+
 def report_ablation(folder: Path) -> ReportResult:
     folder = Path(folder)
     rows = read_ablation(folder / "ablation.csv")
-    lines = [f"# Ablation report: {folder.name}", ""]
+    lines = [f"# Ablation report: {folder.name}", "", _ablation_videos(folder / "ablation.csv"), ""]
     if (folder / "ablation.md").is_file():
         lines += ["The full tables are in [ablation.md](ablation.md).", ""]
     images: list[Path] = []
@@ -335,7 +399,7 @@ def _finish(folder: Path, kind: str, lines: list[str], images: list[Path], notes
 
 
 def write_report(folder: Path, cache: Path | None = None, windows: int = 5, device: str = "auto",
-                 preface: Sequence[str] = ()) -> ReportResult:
+                 preface: Sequence[str] = (), allow_partial: bool = False) -> ReportResult:
     """Write the PNGs and report.md of a run, ensemble or ablation folder. `preface`: lines put under the
     title (e.g. the demo's note that its data are synthetic)."""
     kind = folder_kind(folder)
@@ -344,7 +408,7 @@ def write_report(folder: Path, cache: Path | None = None, windows: int = 5, devi
     elif kind == "ensemble":
         res = report_ensemble(folder)
     else:
-        res = report_run(folder, cache=cache, windows=windows, device=device)
+        res = report_run(folder, cache=cache, windows=windows, device=device, allow_partial=allow_partial)
     if preface:
         text = res.report.read_text(encoding="utf-8").split("\n")
         res.report.write_text("\n".join(text[:2] + list(preface) + [""] + text[2:]), encoding="utf-8")

@@ -6,8 +6,8 @@ p0 + p1 == 1 exactly.
   OUT/submission/info.json                         where the order came from, placeholders, threshold
 No header, one line per private video. The line order is the private split file's (`<data_root>/../test-set-
 30-participants-unlabeled/data/split/test.txt`, or `private_root/split/test.txt`, read with extract.bah's
-reader) when a BAH root is given. The cache itself does not record the split file's order: without a root
-the lines follow the cache's video_id order (sorted) and info.json says so.
+reader) when a BAH root is given; without one, the order the extraction recorded in the cache (CACHE/listed.json);
+a cache without that record gives the cache's video_id order (sorted), and info.json says so.
 A private video missing from the cache (failed extraction: the cache's error records, or a split-file line
 the cache lacks) is never dropped silently: `check_missing` refuses, naming the ids, unless `allow_missing`;
 then each gets a placeholder line (p1 = 0.5000, pred by the threshold) listed in info.json.
@@ -25,6 +25,7 @@ import numpy as np
 from extract.bah import PRIVATE_DIR, read_split_file, split_file
 from extract.errors import AHError
 from extract.files import atomic_write_json, atomic_write_text
+from extract.listing import LISTED, read_listed
 
 DECIMALS = 4
 PLACEHOLDER_P1 = 0.5
@@ -87,6 +88,11 @@ def private_order(reader, split_file: Path | None) -> PrivateOrder | None:
         listed = set(ids)
         return PrivateOrder(ids, str(split_file), [v for v in ids if v not in have],
                             [v for v in in_cache if v not in listed], [p.problem for p in problems if p.fatal])
+    listed = read_listed(reader.path).get("private") if getattr(reader, "path", None) is not None else None
+    if listed:                                   # the split file's order, recorded by the extraction
+        have, known = set(in_cache), set(listed)
+        return PrivateOrder(list(listed), f"{LISTED} (the private split file's order, recorded at extraction)",
+                            [v for v in listed if v not in have], [v for v in in_cache if v not in known])
     if not in_cache and not failed:
         return None
     ids = sorted(set(in_cache) | set(failed))

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 from extract.errors import AHError
 from extract.media import MediaError, MediaInfo, probe
 from extract.transcripts import BahError, TranscriptChunk, load_big_yaml, parse_transcript
-from extract.vocab import PUBLIC_SPLITS, SPLITS
+from extract.vocab import PUBLIC_SPLITS, SPLITS, check_split
 
 PRIVATE_SUBDIR = Path("test-set-30-participants-unlabeled") / "data"   # beside the labelled tree's root
 PRIVATE_DIR = Path("..") / PRIVATE_SUBDIR                               # relative to the labelled root
@@ -43,8 +43,6 @@ class NotBahTree(AHError):
     exit_code = 2
 
 
-
-
 # Problem kinds (for the per-split table of `ahcli data check`).
 K_SPLIT_LINE = "split_line"
 K_MISSING_VIDEO = "missing_video"
@@ -55,8 +53,6 @@ K_FRAME_MISMATCH = "frame_mismatch"
 K_UNREADABLE = "unreadable"
 K_REFUSED = "refused"
 K_OTHER = "other"
-
-
 
 
 @dataclass
@@ -85,6 +81,7 @@ class Problem:
     split: str | None = None
     kind: str = K_OTHER
     fatal: bool = True
+    line: int | None = None       # the split-file line it concerns, when it is one line's problem
 
 
 @dataclass
@@ -93,6 +90,9 @@ class BahDataset:
     private_root: Path | None
     videos: list[Video]
     problems: list[Problem]
+    # split -> every video id its split file lists, in file order (read or not): what a cache must hold
+    listed: dict[str, list[str]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)      # split -> the split file read
     _metadata: dict | None = field(default=None, repr=False)
     _annotations: dict | None = field(default=None, repr=False)
 
@@ -150,7 +150,7 @@ def read_split_file(path: Path, private: bool, split: str) -> tuple[list[SplitLi
         video_id = parts[0].strip()
         where = f"{rel} line {lineno}"
         if bad_bytes and "\ufffd" in video_id:
-            problems.append(Problem(video_id, f"{where}: video_id is not valid UTF-8", split, K_SPLIT_LINE))
+            problems.append(Problem(video_id, f"{where}: video_id is not valid UTF-8", split, K_SPLIT_LINE, line=lineno))
             continue
         if private:
             if len(parts) >= 2 and parts[1].strip() in ("0", "1", ""):
@@ -160,11 +160,13 @@ def read_split_file(path: Path, private: bool, split: str) -> tuple[list[SplitLi
             label = None
         else:
             if len(parts) < 2:
-                problems.append(Problem(video_id, f"{where}: expected 'video_id,label,transcript'", split, K_SPLIT_LINE))
+                problems.append(Problem(video_id, f"{where}: expected 'video_id,label,transcript'", split, K_SPLIT_LINE,
+                                        line=lineno))
                 continue
             label_text = parts[1].strip()
             if label_text not in ("0", "1"):
-                problems.append(Problem(video_id, f"{where}: label {label_text!r} is not 0 or 1", split, K_SPLIT_LINE))
+                problems.append(Problem(video_id, f"{where}: label {label_text!r} is not 0 or 1", split, K_SPLIT_LINE,
+                                        line=lineno))
                 continue
             label = int(label_text)
             transcript = parts[2] if len(parts) == 3 else ""
@@ -178,11 +180,34 @@ def read_split_file(path: Path, private: bool, split: str) -> tuple[list[SplitLi
 
 # --------------------------------------------------------------------------------------- one video
 class _Skip(Exception):
-    """A fatal problem for one video."""
+    """Fatal problems of one video: every one found, not only the first (`data check` lists them all)."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, more: Sequence[tuple[str, str]] = ()):
         super().__init__(message)
         self.kind = kind
+        self.all = [(kind, message), *more]
+
+
+class _Faults:
+    """Collects a video's fatal problems while its independent checks go on."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, str]] = []
+
+    def add(self, kind: str, message: str) -> None:
+        self.found.append((kind, message))
+
+    def check(self, fn, *args):
+        try:
+            return fn(*args)
+        except _Skip as skip:
+            self.found += skip.all
+            return None
+
+    def raise_any(self) -> None:
+        if self.found:
+            (kind, msg), *more = self.found
+            raise _Skip(kind, msg, more)
 
 
 def _check_id(video_id: str) -> PurePosixPath:
@@ -234,26 +259,18 @@ def transcript_path(base: Path, video_id: str) -> Path:
     return folder / f"{stem}.yml"
 
 
-def _read_video(base: Path, base_real: Path, line: SplitLine, split: str, allow_symlinks: bool,
-                notes: list[Problem]) -> Video:
-    rel = _check_id(line.video_id)
-    name = rel.name
-    m = _QUESTION_RE.search(name)
-    if not m:
-        raise _Skip(K_SPLIT_LINE, f"{line.video_id}: no '_Question_<n>_' in the file name")
-    question = int(m.group(1))
-    pid = rel.parts[1] if len(rel.parts) > 2 else name.split("_", 1)[0]
-
-    def note(kind: str, message: str) -> None:
-        notes.append(Problem(line.video_id, message, split, kind, fatal=False))
-
+def _mp4_of(base: Path, base_real: Path, rel: PurePosixPath, allow_symlinks: bool) -> Path:
     mp4 = base.joinpath(*rel.parts)
-    face_dir = base.joinpath("cropped-aligned-faces", *rel.parts)
     if not mp4.parent.is_dir():
         raise _Skip(K_MISSING_VIDEO, f"{mp4.parent}: folder of the video does not exist")
     if not mp4.is_file():
         raise _Skip(K_MISSING_VIDEO, f"{mp4}: mp4 not found")
     _inside(mp4, base_real, allow_symlinks, "the mp4")
+    return mp4
+
+
+def _faces_of(base: Path, base_real: Path, rel: PurePosixPath, allow_symlinks: bool, note) -> tuple[Path, list[Path]]:
+    face_dir = base.joinpath("cropped-aligned-faces", *rel.parts)
     if not face_dir.is_dir():
         raise _Skip(K_MISSING_FACES, f"{face_dir}: face folder not found")
     _inside(face_dir, base_real, allow_symlinks, "the face folder")
@@ -266,32 +283,66 @@ def _read_video(base: Path, base_real: Path, line: SplitLine, split: str, allow_
         missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))
         detail = f"missing frame-{missing[0]}.jpg" if missing else "numbering does not start at 0"
         note(K_FRAME_MISMATCH, f"{face_dir}: gap in frame numbering ({detail}; {len(frames)} frames up to {numbers[-1]})")
-    tyaml = transcript_path(base, line.video_id)
+    return face_dir, frames
+
+
+def _transcript_of(base: Path, base_real: Path, video_id: str, allow_symlinks: bool) -> Path:
+    tyaml = transcript_path(base, video_id)
     if not tyaml.is_file():
         raise _Skip(K_MISSING_TRANSCRIPT, f"{tyaml}: transcript YAML not found")
     _inside(tyaml, base_real, allow_symlinks, "the transcript YAML")
+    return tyaml
 
+
+def _probe(mp4: Path) -> MediaInfo:
     try:
-        info = probe(mp4)
+        return probe(mp4)
     except MediaError as exc:
         raise _Skip(K_UNREADABLE, str(exc)) from exc
-    fps, duration = _timing(info, len(frames), mp4)
+
+
+def _parse(tyaml: Path, duration: float) -> tuple[str, list[TranscriptChunk]]:
+    try:
+        return parse_transcript(tyaml, duration)
+    except BahError as exc:
+        raise _Skip(K_MISSING_TRANSCRIPT, str(exc)) from exc
+
+
+def _read_video(base: Path, base_real: Path, line: SplitLine, split: str, allow_symlinks: bool,
+                notes: list[Problem]) -> Video:
+    rel = _check_id(line.video_id)
+    faults = _Faults()
+    name = rel.name
+    m = _QUESTION_RE.search(name)
+    if not m:
+        faults.add(K_SPLIT_LINE, f"{line.video_id}: no '_Question_<n>_' in the file name")
+    pid = rel.parts[1] if len(rel.parts) > 2 else name.split("_", 1)[0]
+
+    def note(kind: str, message: str) -> None:
+        notes.append(Problem(line.video_id, message, split, kind, fatal=False))
+
+    mp4 = faults.check(_mp4_of, base, base_real, rel, allow_symlinks)
+    faces = faults.check(_faces_of, base, base_real, rel, allow_symlinks, note)
+    tyaml = faults.check(_transcript_of, base, base_real, line.video_id, allow_symlinks)
+    info = faults.check(_probe, mp4) if mp4 is not None else None
+    n_faces = len(faces[1]) if faces is not None else 0
+    timing = faults.check(_timing, info, n_faces, mp4) if info is not None else None
+    parsed = faults.check(_parse, tyaml, timing[1]) if tyaml is not None and timing is not None else None
+    faults.raise_any()
+    assert m and faces and info and timing and parsed and mp4 and tyaml
+    face_dir, frames = faces
+    (fps, duration), (yaml_text, chunks) = timing, parsed
     if not info.has_video:
         note(K_UNREADABLE, f"{mp4}: no video stream (fps taken from face frames / audio duration)")
     if not info.has_audio:
         note(K_NO_AUDIO, f"{mp4}: no audio track")
     if info.frames is not None and info.frames != len(frames):
         note(K_FRAME_MISMATCH, f"{face_dir}: {len(frames)} face frames but the mp4 has {info.frames}")
-
-    try:
-        yaml_text, chunks = parse_transcript(tyaml, duration)
-    except BahError as exc:
-        raise _Skip(K_MISSING_TRANSCRIPT, str(exc)) from exc
     transcript = line.transcript or yaml_text
     if not transcript.strip():
         note(K_MISSING_TRANSCRIPT, f"{tyaml}: empty transcript")
     return Video(
-        video_id=line.video_id, pid=pid, question=question, split=split, label=line.label,
+        video_id=line.video_id, pid=pid, question=int(m.group(1)), split=split, label=line.label,
         mp4=mp4, face_dir=face_dir, face_frames=frames, transcript=transcript,
         transcript_yaml=tyaml, chunks=chunks, fps=fps, frame_count=len(frames),
         duration=duration, has_audio=info.has_audio,
@@ -326,8 +377,15 @@ def _not_tree(root: Path, what: str) -> NotBahTree:
     )
 
 
+def _listed_ids(lines: list[SplitLine], problems: list[Problem]) -> list[str]:
+    """Every id the split file lists, in file order, each once: the lines read and those refused."""
+    at = [(x.lineno, x.video_id) for x in lines] + [(p.line, p.video_id) for p in problems if p.line and p.video_id]
+    return list(dict.fromkeys(v for _, v in sorted(at)))
+
+
 def _read_root(base: Path, split_names: Iterable[str], private: bool, allow_symlinks: bool,
-               seen: dict[str, str], videos: list[Video], problems: list[Problem]) -> None:
+               seen: dict[str, str], videos: list[Video], problems: list[Problem],
+               listed: dict[str, list[str]], sources: dict[str, str]) -> None:
     base_real = Path(os.path.realpath(base))
     for split in split_names:
         path = split_file(base, "private" if private else split)
@@ -336,6 +394,8 @@ def _read_root(base: Path, split_names: Iterable[str], private: bool, allow_syml
             continue
         lines, line_problems = read_split_file(path, private, split)
         problems.extend(line_problems)
+        listed[split] = _listed_ids(lines, line_problems)
+        sources[split] = str(path)
         for line in lines:
             where = f"{path.parent.name}/{path.name} line {line.lineno}"
             if line.video_id in seen:
@@ -347,7 +407,7 @@ def _read_root(base: Path, split_names: Iterable[str], private: bool, allow_syml
             try:
                 videos.append(_read_video(base, base_real, line, split, allow_symlinks, notes))
             except _Skip as skip:
-                problems.append(Problem(line.video_id, str(skip), split, skip.kind))
+                problems.extend(Problem(line.video_id, msg, split, kind) for kind, msg in skip.all)
             except OSError as exc:  # permissions, vanished files: never lose the other videos
                 problems.append(Problem(line.video_id, f"{where}: {exc}", split, K_UNREADABLE))
             problems.extend(notes)
@@ -357,9 +417,8 @@ def read_bah(root, private_root=None, splits: Sequence[str] = SPLITS, allow_syml
     """Read a BAH tree. `private_root` defaults to <root>/../test-set-30-participants-unlabeled/data when
     that exists; its split/test.txt is reported as split 'private' (labels None)."""
     root = Path(root)
-    unknown = [s for s in splits if s not in SPLITS]
-    if unknown:
-        raise ValueError(f"unknown split(s) {unknown}; expected any of {SPLITS}")
+    for s in splits:
+        check_split(s)                     # one line naming the unknown split
     if not root.is_dir() or not _is_tree(root):
         raise _not_tree(root, "data")
     if private_root is not None:
@@ -372,7 +431,11 @@ def read_bah(root, private_root=None, splits: Sequence[str] = SPLITS, allow_syml
     videos: list[Video] = []
     problems: list[Problem] = []
     seen: dict[str, str] = {}
-    _read_root(root, [s for s in splits if s in PUBLIC_SPLITS], False, allow_symlinks, seen, videos, problems)
+    listed: dict[str, list[str]] = {}
+    sources: dict[str, str] = {}
+    _read_root(root, [s for s in splits if s in PUBLIC_SPLITS], False, allow_symlinks, seen, videos, problems,
+               listed, sources)
     if "private" in splits and private_root is not None:
-        _read_root(private_root, ["private"], True, allow_symlinks, seen, videos, problems)
-    return BahDataset(root=root, private_root=private_root, videos=videos, problems=problems)
+        _read_root(private_root, ["private"], True, allow_symlinks, seen, videos, problems, listed, sources)
+    return BahDataset(root=root, private_root=private_root, videos=videos, problems=problems, listed=listed,
+                      sources=sources)

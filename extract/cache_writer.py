@@ -11,6 +11,7 @@ import numpy as np
 
 from extract.faults import fault_point
 from extract.files import atomic_write_json, fsync_path, owner_dead, remove, tmp_name
+from extract.locks import LOCK_FILE
 from extract.record import LENGTHS, VideoRecord, array_sha256, check_record, expected_arrays, video_key
 from extract.spec import ExtractionSpec
 from extract.store import (ERRORS, FORMAT, INDEX, MANIFEST, VIDEOS, CacheError, CacheReader, fingerprint_mismatch,
@@ -61,7 +62,8 @@ class CacheWriter:
             if not force:
                 raise CacheError(f"{problem}; pass --force to wipe it and start over")
             for child in p.iterdir():
-                remove(child)
+                if child.name != LOCK_FILE:          # our own writer lock (extract/locks.py) stays held
+                    remove(child)
         p.mkdir(parents=True, exist_ok=True)
         self._create_manifest()
 

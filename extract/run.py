@@ -9,8 +9,6 @@ processes with torchrun, writes the same bytes as a single uninterrupted run.
 from __future__ import annotations
 
 import os
-import signal
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,12 +24,17 @@ from torch.utils.data import DataLoader, Dataset
 from extract.bah import Video, read_bah
 from extract.cache_writer import CacheWriter
 from extract.decode import decode_windows
+from extract.dist import Dist, all_sum, barrier, init_distributed, shard
 from extract.encoders import FrozenEncoders, load_encoders
 from extract.errors import AHError
 from extract.faults import fault_point
+from extract.listing import write_listed
+from extract.locks import acquire as acquire_lock
+from extract.locks import release as release_lock
 from extract.provenance import provenance
 from extract.record import VideoRecord
 from extract.spec import ExtractionSpec, load_spec
+from extract.stopping import never, quiet_worker
 from extract.store import CacheReader
 from extract.vocab import SPLITS
 from extract.windows import window_starts
@@ -64,10 +67,20 @@ class ExtractSummary:
     seconds: float = 0.0
     # Where this process's loop time went (PHASES); the rest is bookkeeping (progress bar, error files).
     phases: dict[str, float] = field(default_factory=dict)
+    total: int = 0                # videos this run set out to extract (not already complete)
+    done: int = 0                 # of those, handled before the end (or the interruption)
+    interrupted: bool = False     # stopped early (a signal): the cache is left unsealed, a rerun resumes it
 
     @property
     def clips_per_s(self) -> float:
         return self.clips / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cache": str(self.cache), "extracted": self.extracted, "skipped": self.skipped,
+                "failed": dict(sorted(self.failed.items())), "notes": [list(n) for n in self.notes],
+                "clips": self.clips, "seconds": round(self.seconds, 3), "clips_per_s": round(self.clips_per_s, 3),
+                "phases": {k: round(v, 3) for k, v in self.phases.items()}, "total": self.total,
+                "done": self.done, "interrupted": self.interrupted}
 
 
 @dataclass
@@ -191,48 +204,28 @@ def encode_video_record(decoded: DecodedVideo, encoders: FrozenEncoders, spec: E
 
 
 @dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+class ExtractProgress:
+    """What `on_progress` is told after each video of this process's share."""
 
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-
-def _init_distributed() -> _Dist:
-    """torchrun sets WORLD_SIZE/RANK: join the group (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _barrier(d: _Dist) -> None:
-    if d.active:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def shard(videos: Sequence[Video], d: _Dist) -> list[Video]:
-    """Each rank owns a disjoint, deterministic share: sorted ids, round-robin."""
-    ordered = sorted(videos, key=lambda v: v.video_id)
-    return ordered[d.rank::d.world]
+    video_id: str
+    done: int                     # videos handled this run (extracted or failed)
+    total: int                    # videos this run has to handle
+    clips: int                    # clips encoded this run
+    failed: int
+    seconds: float                # since the loop started
 
 
 def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOptions,
-            on_progress: Callable[[str, int, int], None] | None = None,
-            encoders: FrozenEncoders | None = None) -> ExtractSummary:
+            on_progress: Callable[[ExtractProgress], None] | None = None,
+            encoders: FrozenEncoders | None = None, *, should_stop: Callable[[], bool] = never,
+            on_ready: Callable[[Path, Dist], None] | None = None) -> ExtractSummary:
     """Extract every video of the chosen splits that the cache does not already hold complete.
 
-    `encoders` replaces the spec's models (the benchmark's instant encoders time the host side alone)."""
-    dist = _init_distributed()
+    `encoders` replaces the spec's models (the benchmark's instant encoders time the host side alone).
+    `should_stop` is asked after each video: when it says so the loop lets the videos in flight finish, leaves
+    the cache unsealed (a rerun resumes it) and returns with `summary.interrupted`. `on_ready(cache, dist)`
+    is called once the cache is open and (rank 0) locked, e.g. to start a log file in it."""
+    dist = init_distributed()
     spec = load_spec(spec_path)
     device = resolve_device(opts.device)
     if device == "cuda" and dist.active:
@@ -242,12 +235,29 @@ def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOpt
     spec = encoders.spec                      # resolved: preprocessing from the models, weights by content
     # CPU results depend on the intra-op thread count (HuBERT's convolutions): recorded with the versions.
     prov = {**provenance(), "torch_threads": torch.get_num_threads(), "unused_weights": encoders.loading_report()}
-    # Rank 0 creates (or wipes) the cache before the others open it.
-    writer = CacheWriter(cache_path, spec, prov, force=opts.force) if dist.rank == 0 else None
-    _barrier(dist)
-    if writer is None:
-        writer = CacheWriter(cache_path, spec, prov, force=False)
+    # Rank 0 holds the cache's writer lock for the whole job and creates (or wipes) the cache before the
+    # others open it; a second extraction on this cache (not one of our ranks) is refused.
+    locked = dist.rank == 0
+    if locked:
+        acquire_lock(cache_path, "cache")
+    try:
+        writer = CacheWriter(cache_path, spec, prov, force=opts.force) if dist.rank == 0 else None
+        if writer is not None:
+            write_listed(cache_path, dataset.listed, dataset.sources)
+        barrier(dist)
+        if writer is None:
+            writer = CacheWriter(cache_path, spec, prov, force=False)
+        if on_ready is not None:
+            on_ready(Path(cache_path), dist)
+        return _extract_share(dataset, spec, encoders, writer, opts, dist, on_progress, should_stop)
+    finally:
+        if locked:
+            release_lock(cache_path)
 
+
+def _extract_share(dataset, spec: ExtractionSpec, encoders: FrozenEncoders, writer: CacheWriter,
+                   opts: ExtractOptions, dist: Dist, on_progress, should_stop) -> ExtractSummary:
+    cache_path = writer.path
     summary = ExtractSummary(cache=Path(cache_path))
     readable = {v.video_id for v in dataset.videos}
     lost = {p.video_id: p for p in dataset.problems if p.fatal and p.video_id not in readable}
@@ -264,36 +274,45 @@ def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOpt
                 writer.discard(v.video_id)
     todo = [v for v in mine if not writer.is_complete(v.video_id)]
     summary.skipped = len(mine) - len(todo)
+    summary.total = len(todo)
     pending_ids = {v.video_id for v in todo}
     for v in mine:
         if v.video_id not in pending_ids:  # complete and sound: an error file left by a killed run is stale
             writer.clear_error(v.video_id)
 
     start = time.perf_counter()
-    _run_loop(todo, spec, encoders, writer, opts, summary, on_progress)
+    _run_loop(todo, spec, encoders, writer, opts, summary, on_progress, should_stop)
     summary.seconds = time.perf_counter() - start
+    if summary.interrupted:
+        return summary                     # unsealed: the same command resumes it
 
-    _barrier(dist)
+    barrier(dist)
     if dist.rank == 0:
         writer.seal()
     if dist.active:
-        summary = _gather_summary(summary, Path(cache_path))
+        summary = _gather_summary(summary, Path(cache_path), dist)
     return summary
 
 
 def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders, writer: CacheWriter,
               opts: ExtractOptions, summary: ExtractSummary,
-              on_progress: Callable[[str, int, int], None] | None) -> None:
+              on_progress: Callable[[ExtractProgress], None] | None, should_stop: Callable[[], bool]) -> None:
     loader = DataLoader(
         _DecodeSet(todo, spec), batch_size=None, shuffle=False, num_workers=opts.workers,
         collate_fn=lambda x: x, prefetch_factor=2 if opts.workers > 0 else None,
-        persistent_workers=False, worker_init_fn=partial(_die_with_parent, os.getpid()),
+        persistent_workers=False, worker_init_fn=partial(quiet_worker, os.getpid()),
     )
     pending: list[Future] = []
     phases = summary.phases
+    start = time.perf_counter()
+    if on_progress is not None:               # a first line at once (the first video also loads the models)
+        on_progress(ExtractProgress("", 0, len(todo), 0, 0, 0.0))
     with ThreadPoolExecutor(max_workers=WRITE_THREADS) as io, _progress(opts.progress, len(todo)) as bar:
         items = iter(loader)
         for done in range(1, len(todo) + 1):
+            if should_stop():              # the videos in flight are written below; the rest wait for a rerun
+                summary.interrupted = True
+                break
             with _timed(phases, "waiting for decoding"):
                 decoded = next(items)
             vid = decoded.video.video_id
@@ -311,27 +330,19 @@ def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders,
                     summary.clips += len(decoded.starts)
                     pending.append(io.submit(_write, writer, record))
                     summary.extracted += 1
+            summary.done = done
             # Bounded records in flight: bounded memory, writes still overlap compute.
             with _timed(phases, "waiting for cache writes"):
                 while len(pending) > 2 * WRITE_THREADS:
                     _settle(pending.pop(0), writer, summary)
             bar.advance(summary.clips)
             if on_progress is not None:
-                on_progress(vid, done, len(todo))
+                on_progress(ExtractProgress(vid, done, len(todo), summary.clips, len(summary.failed),
+                                            time.perf_counter() - start))
         with _timed(phases, "waiting for cache writes"):
             for f in pending:
                 _settle(f, writer, summary)
-
-
-def _die_with_parent(parent: int, _worker_id: int) -> None:
-    """A decoding worker of a killed extraction (kill -9) would linger forever, blocked writing decoded frames
-    into a pipe nobody reads: have the kernel SIGKILL it when its parent dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(1)
+        del items                          # shut the decoding workers down before the writes are counted
 
 
 def _write(writer: CacheWriter, record: VideoRecord) -> tuple[VideoRecord, str | None]:
@@ -352,7 +363,7 @@ def _settle(future: Future, writer: CacheWriter, summary: ExtractSummary) -> Non
 
 
 class _progress:
-    """A rich progress bar with videos/s and clips/s, or nothing when progress is off."""
+    """A rich progress bar with videos/s and clips/s (on a terminal), or nothing when progress is off."""
 
     def __init__(self, enabled: bool, total: int):
         self.enabled, self.total = enabled, total
@@ -381,13 +392,10 @@ class _progress:
             self.p.__exit__(*exc)
 
 
-def _gather_summary(s: ExtractSummary, cache_path: Path) -> ExtractSummary:
+def _gather_summary(s: ExtractSummary, cache_path: Path, dist: Dist) -> ExtractSummary:
     """Sum the ranks' counts; the failures are read back from the cache's error files (all ranks wrote there).
     Time and phases stay this rank's own."""
-    import torch.distributed as dist
-
-    counts = torch.tensor([s.extracted, s.skipped, s.clips], dtype=torch.int64)
-    dist.all_reduce(counts)
+    extracted, skipped, clips, total, done = all_sum(dist, [s.extracted, s.skipped, s.clips, s.total, s.done])
     failed = {e["video_id"]: e["message"] for e in CacheReader(cache_path).errors()}
-    return ExtractSummary(cache=s.cache, extracted=int(counts[0]), skipped=int(counts[1]), failed=failed,
-                          notes=s.notes, clips=int(counts[2]), seconds=s.seconds, phases=s.phases)
+    return ExtractSummary(cache=s.cache, extracted=extracted, skipped=skipped, failed=failed, notes=s.notes,
+                          clips=clips, seconds=s.seconds, phases=s.phases, total=total, done=done)

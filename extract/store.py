@@ -5,6 +5,8 @@ Layout of CACHE/:
     videos/<key>.zarr      Zarr v3 group (or videos/<key>.h5, one HDF5 file) per complete video
     errors/<key>.json      {video_id, split, message} for a video whose extraction failed
     index.json             written by seal(): the sorted list of complete videos with split and label
+    listed.json            every video each split file lists, in file order (extract/listing.py)
+    logs/                  one log per extraction run; .lock: the writer's lock while one runs (extract/locks.py)
 
 A unit is written under a temporary dot-name in videos/ and renamed into place; the rename is the
 "complete" mark, so a reader never sees a half-written video and a kill -9 at any moment leaves only a

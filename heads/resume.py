@@ -168,7 +168,7 @@ def _load_finished(out: Path) -> TrainResult:
     for stale in [out / rf.STATE_FILE, *out.glob("best-e*.safetensors")]:   # leftovers of a kill after finish
         stale.unlink(missing_ok=True)
     return TrainResult(run.model, run.model_config, run.train_config, int(m["best_epoch"]), float(m["threshold"]),
-                       m["val"], hist, bool(m["stopped_early"]), float(m.get("seconds", 0.0)))
+                       m["val"], hist, bool(m["stopped_early"]), float(m.get("seconds", 0.0)), videos=m.get("videos"))
 
 
 def restore(out: Path, model, opt, sched) -> tuple[TrainState, dict[str, Tensor]]:

@@ -5,7 +5,7 @@ A finished run folder holds:
   config.json         {"format", "version", "model", "train", "cache": {fingerprint, path}, "provenance", "extra"}
   metrics.json        best epoch, threshold, alpha, windows, validation metrics (written last: the run is
                       complete when it exists)
-  history.csv         one row per epoch
+  history.csv         one row per epoch (appended and flushed as each epoch ends, rewritten whole at the end)
   encoder_top.safetensors   (runs with fine-tuned top encoder blocks only: checkpoint A, heads/topblocks.py)
                       the blocks' weights; config.json then has an "encoders" section describing them
 While training, the folder also holds `state.safetensors` (latest model + optimizer, with the scheduler,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -104,13 +105,28 @@ def make_config(model_cfg: ModelConfig, train_cfg, cache: dict[str, Any], extra:
     return cfg
 
 
-def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+def _history_csv(rows: list[dict[str, Any]], header: bool) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
+    if header:
+        w.writeheader()
     for r in rows:
         w.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, _history_csv(rows, header=True))
+
+
+def append_history(path: Path, row: dict[str, Any]) -> None:
+    """One finished epoch's row, appended and flushed to disk at once: a running or killed run can be plotted
+    (`ahcli report RUN`) or followed (`tail -f RUN/history.csv`). The file is rewritten whole from the
+    checkpoint on resume and at the end, so it always equals the run's history in the end."""
+    with open(path, "a", encoding="utf-8", newline="") as fh:
+        fh.write(_history_csv([row], header=False))
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:

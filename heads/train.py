@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from extract.files import atomic_write_json
+from extract.locks import folder_lock
 from heads import run_files as rf
 from heads.config import ConfigError, ModelConfig, TrainConfig
 from heads.data import SplitData, resolve_device
@@ -45,7 +46,7 @@ from heads.host_memory import keep_freed_memory
 from heads.infer import WindowLogits, autocast, window_logits
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.model import build_model
-from heads.resume import Checkpointer, SnapshotBuffers, finalize, prepare_out, restore
+from heads.resume import Checkpointer, SnapshotBuffers, check_out_folder, finalize, prepare_out, restore
 from heads.topblocks import TopBlocksHeads, data_has_prefix, tops_of
 from heads.train_state import EpochRecord, TrainingStopped, TrainProgress, TrainResult, TrainState
 
@@ -211,14 +212,27 @@ def fit(
     cache: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     encoders: dict[str, Any] | None = None,
+    videos: dict[str, Any] | None = None,
 ) -> TrainResult:
     """The paper's protocol over any data path: epochs, accumulation, cosine schedule, threshold sweep on
     val, early stopping, the best epoch's weights, crash-safe checkpoints and resume (see the module doc).
     `stop_after=k` returns after epoch k's checkpoint (a simulated interruption; resume with resume=True);
-    `on_epoch` may raise TrainingStopped to stop the same way. `cache` is {fingerprint, path} and `encoders`
-    the "encoders" section (runs with fine-tuned top blocks) for config.json."""
+    `on_epoch` may raise TrainingStopped to stop the same way (a signal handler's way to stop cleanly).
+    `cache` is {fingerprint, path} and `encoders` the "encoders" section (runs with fine-tuned top blocks)
+    for config.json; `videos` (videos used / listed per split) goes into metrics.json. The run folder is
+    locked for the whole run (extract/locks.py): a second writer is refused in one line."""
+    if out is None:
+        return _fit(learner, model_cfg, cfg, None, resume, stop_after, on_epoch, on_step, cache, extra, encoders,
+                    videos)
+    check_out_folder(out, resume)                # refuse before creating anything
+    with folder_lock(out, "run folder"):
+        return _fit(learner, model_cfg, cfg, Path(out), resume, stop_after, on_epoch, on_step, cache, extra,
+                    encoders, videos)
+
+
+def _fit(learner: Learner, model_cfg: ModelConfig, cfg: TrainConfig, out: Path | None, resume: bool,
+         stop_after: int | None, on_epoch, on_step, cache, extra, encoders, videos) -> TrainResult:
     device = resolve_device(cfg.device)
-    out = Path(out) if out is not None else None
     cache = cache or rf.cache_record()
     n_train = int((~torch.isnan(learner.train_labels)).sum())
     if n_train == 0:
@@ -244,6 +258,7 @@ def fit(
         if resume and (out / rf.STATE_FILE).exists():
             st, best_weights = restore(out, model, opt, sched)
         atomic_write_json(out / rf.CONFIG_FILE, config_json)
+        rf.write_history(out / rf.HISTORY_FILE, st.history)     # the checkpoint's epochs; one row per epoch after
 
     writer = Checkpointer(out) if out is not None else None
     best_bufs = SnapshotBuffers()
@@ -263,6 +278,8 @@ def fit(
                     if writer is not None:
                         writer.wait()                  # the best buffers may still be being written
                     best_weights = best_bufs.capture(model.state_dict())
+                if out is not None:
+                    rf.append_history(out / rf.HISTORY_FILE, st.history[-1])
                 stopped_early = st.bad_epochs >= cfg.patience
                 st.seconds += time.perf_counter() - t0
                 progress.epoch = epoch
@@ -289,7 +306,7 @@ def fit(
     model.eval()
     history = [EpochRecord(**h) for h in st.history]
     result = TrainResult(model, model_cfg, cfg, st.best_epoch, st.best_threshold, st.best_metrics, history,
-                         stopped_early, st.seconds, completed=not interrupted)
+                         stopped_early, st.seconds, completed=not interrupted, videos=videos)
     if out is not None and not interrupted:
         finalize(out, result)
     return result

@@ -33,13 +33,18 @@ class TrainResult:
     history: list[EpochRecord]
     stopped_early: bool
     seconds: float
-    completed: bool = True                # False when stopped by `stop_after`
+    completed: bool = True                # False when stopped by `stop_after` or a callback
+    # Per split: videos used / videos its split file lists (extract.listing.Coverage.counts), when known.
+    videos: dict[str, Any] | None = None
 
     def metrics_record(self) -> dict[str, Any]:
         alpha = self.train_config.alpha if self.model_config.has_text else 0.0
-        return {"best_epoch": self.best_epoch, "threshold": self.threshold, "alpha": alpha,
-                "windows": self.train_config.eval_windows or None, "epochs_run": len(self.history),
-                "stopped_early": self.stopped_early, "val": self.val_metrics, "seconds": round(self.seconds, 3)}
+        rec = {"best_epoch": self.best_epoch, "threshold": self.threshold, "alpha": alpha,
+               "windows": self.train_config.eval_windows or None, "epochs_run": len(self.history),
+               "stopped_early": self.stopped_early, "val": self.val_metrics, "seconds": round(self.seconds, 3)}
+        if self.videos is not None:
+            rec["videos"] = self.videos
+        return rec
 
 
 class TrainingStopped(Exception):

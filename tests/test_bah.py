@@ -388,6 +388,8 @@ def test_bom_and_crlf_split_file_reads_exact_ids(tree):
 
 def test_unknown_split_name_refused(base):
     out, _ = base
-    with pytest.raises(ValueError):
+    from extract.vocab import VocabError
+
+    with pytest.raises(VocabError, match="unknown split 'training'"):    # one line, not a traceback
         read_bah(out / "data", splits=("training",))
     assert SPLITS == ("train", "val", "test", "private")

@@ -97,7 +97,8 @@ def test_ensemble_files_average_and_val_tuned_threshold(case, tmp_path):
     rec = run_ensemble(case["runs"], case["cache"], out, windows=2)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(rec))
-    assert set(on_disk) == {"threshold", "val", "test", "runs", "cache_fingerprint"}
+    assert set(on_disk) == {"threshold", "val", "test", "runs", "cache_fingerprint", "videos"}
+    assert on_disk["videos"]["test"] == {"scored": SIZES["test"], "listed": SIZES["test"], "missing": []}
     assert set(on_disk["test"]) >= {"macro_f1", "f1_ah", "f1_noah", "ap", "accuracy"}
     assert on_disk["cache_fingerprint"] == case["reader"].fingerprint
     assert [Path(r["path"]).name for r in on_disk["runs"]] == ["A", "B"]

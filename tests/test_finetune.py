@@ -231,7 +231,7 @@ def test_finetune_writes_a_run_folder_with_the_encoder_blocks(runs, world):
 
     a = runs["A"]
     assert sorted(p.name for p in a.iterdir()) == sorted(
-        ["config.json", "history.csv", "metrics.json", "model.safetensors", TOPS_FILE])
+        ["config.json", "history.csv", "metrics.json", "model.safetensors", TOPS_FILE, "train.log"])
     assert len((a / "history.csv").read_text().strip().splitlines()) == 3
     cfg = json.loads((a / "config.json").read_text())
     assert cfg["train"]["unfreeze_top"] == N_TOP and cfg["encoders"]["source"] == "raw"

@@ -31,7 +31,7 @@ import pytest
 # The stable API of `extract`: what `heads` (and the contract itself) may import from it.
 CONTRACT = frozenset({
     "extract.errors", "extract.vocab", "extract.spec", "extract.files", "extract.provenance", "extract.record",
-    "extract.store", "extract.store_backends", "extract.faults",
+    "extract.store", "extract.store_backends", "extract.faults", "extract.locks", "extract.listing",
 })
 PACKAGES = ("extract", "heads", "ahflows", "ahcli", "ahbench")
 SKIP_DIRS = frozenset({"tests", ".venv", "build", "__pycache__"})
