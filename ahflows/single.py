@@ -45,6 +45,9 @@ class CachedVideo:
     def array_nbytes(self, video_id: str, names: Sequence[str]) -> int:
         return self.reader.array_nbytes(video_id, names)
 
+    def soundness_problem(self, split: str | None = None) -> str | None:
+        return self.reader.soundness_problem(self.split)
+
     def video_ids(self, split: str | None = None) -> list[str]:
         return [self.video_id] if split in (None, self.split) else []
 
@@ -63,6 +66,9 @@ class MemoryVideo:
 
     def video_ids(self, split: str | None = None) -> list[str]:
         return [self.rec.video_id] if split in (None, self.split) else []
+
+    def soundness_problem(self, split: str | None = None) -> str | None:
+        return None                                    # just encoded, nothing stored to doubt
 
     def array_nbytes(self, video_id: str, names: Sequence[str]) -> int:
         return sum(int(self.rec.arrays[k].nbytes) for k in names if k in self.rec.arrays)

@@ -32,10 +32,10 @@ from extract.errors import AHError
 from extract.files import read_json
 from extract.record import (VideoRecord, array_sha256, canonical_json, check_declared, check_record, expected_arrays,
                             video_key)
-from extract.spec import ExtractionSpec, diff_fields
+from extract.spec import ExtractionSpec, SpecError, diff_fields, spec_from_dict
 from extract.store_backends import Backend, get_backend
 
-FORMAT = 1
+FORMAT = 2          # 2: the fingerprint is the resolved spec's (weights by content, preprocessing recorded)
 MANIFEST = "manifest.json"
 INDEX = "index.json"
 VIDEOS = "videos"
@@ -136,6 +136,38 @@ class CacheReader:
     @property
     def sealed(self) -> bool:
         return bool(self.manifest.get("sealed"))
+
+    def soundness_problem(self, split: str | None = None) -> str | None:
+        """Why stage 2 must not read this cache (or one split of it) as it is, or None: not sealed (an
+        extraction is running or was cut), a manifest that does not match its own spec, or units that
+        index.json lists but that are gone or unreadable (or the reverse)."""
+        if not self.sealed:
+            return (f"{self.path}: the cache is not sealed (its extraction is running or was interrupted); finish it "
+                    "by running the same `ahcli extract` again (it resumes)")
+        if int(self.manifest.get("format", 1)) >= 2:
+            try:
+                own = spec_from_dict(self.spec).fingerprint()
+            except (SpecError, TypeError) as exc:
+                return f"{self.path / MANIFEST}: its spec does not read ({exc})"
+            if own != self.fingerprint:
+                return (f"{self.path / MANIFEST}: fingerprint {self.fingerprint} does not match its own spec ({own}): "
+                        "the manifest was edited; re-extract into a new folder")
+        index = self._index()
+        if not isinstance(index, dict) or not isinstance(index.get("videos"), list):
+            return f"{self.path / INDEX}: missing or not an index; run `ahcli cache verify`"
+        indexed = {e.get("video_id"): e.get("split") for e in index["videos"] if isinstance(e, dict)}
+        on_disk = set(self.video_ids(split))
+        want = {v for v, s in indexed.items() if split is None or s == split}
+        repair = "repair it with `ahcli extract DATA CACHE --spec SPEC --repair`"
+        if want - on_disk:
+            gone = sorted(want - on_disk)
+            return (f"{self.path}: {len(gone)} video(s) listed in index.json are missing or unreadable on disk "
+                    f"(first: {gone[0]}); {repair}")
+        if on_disk - want:
+            extra = sorted(on_disk - want)
+            return (f"{self.path}: {len(extra)} video(s) on disk are not in index.json (the cache changed after it was "
+                    f"sealed; first: {extra[0]}); {repair}")
+        return None
 
     def _units(self) -> dict[str, Path]:
         return self.backend.list_units(self.path / VIDEOS)

@@ -269,6 +269,9 @@ def load_split(
     audio_segments / text_segments). `layers=()` loads only the metadata (labels, window counts and starts),
     e.g. to run encoders on the raw media at the cache's windows.
     """
+    problem = reader.soundness_problem(split)
+    if problem is not None:
+        raise DataError(problem)
     ids = reader.video_ids(split)
     if not ids:
         raise DataError(f"{_where(reader)}: split {split!r} has no complete videos in the cache")

@@ -74,3 +74,32 @@ def test_train_heads_evaluate_and_ensemble_refuse_a_nan_video(report_run_case, c
     _plant_nan(cache_copy, train_vid)
     refused(("train-heads", cache_copy, tmp_path / "run", "--epochs", "1", "--dim", "16", "--head-hidden", "16"),
             train_vid)
+
+
+def _manifest_edit(cache: Path, **changes) -> None:
+    path = cache / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc.update(changes)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("unsealed", "not sealed"),
+    ("fingerprint", "does not match its own spec"),
+    ("removed", "missing or unreadable on disk"),
+    ("truncated", "missing or unreadable on disk"),
+])
+def test_a_cache_that_is_not_whole_is_refused_before_loading(cache_copy, damage, words):
+    reader = CacheReader(cache_copy)
+    vid = reader.video_ids("train")[0]
+    if damage == "unsealed":
+        _manifest_edit(cache_copy, sealed=False)
+    elif damage == "fingerprint":
+        _manifest_edit(cache_copy, fingerprint="0123456789abcdef")
+    elif damage == "removed":
+        shutil.rmtree(_unit(cache_copy, vid))
+    else:
+        (_unit(cache_copy, vid) / "zarr.json").write_text('{"attributes": ')
+    with pytest.raises(DataError) as err:
+        load_split(CacheReader(cache_copy), "train", device="cpu")
+    assert words in str(err.value) and "\n" not in str(err.value)
