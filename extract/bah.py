@@ -398,9 +398,10 @@ def _read_root(base: Path, split_names: Iterable[str], private: bool, allow_syml
         sources[split] = str(path)
         for line in lines:
             where = f"{path.parent.name}/{path.name} line {line.lineno}"
-            if line.video_id in seen:
-                problems.append(Problem(line.video_id, f"{where}: duplicate video_id (first at {seen[line.video_id]})",
-                                        split, K_SPLIT_LINE))
+            if line.video_id in seen:       # in two places: neither is trusted (which label is right?)
+                videos[:] = [v for v in videos if v.video_id != line.video_id]
+                problems.append(Problem(line.video_id, f"{where}: listed again (first at {seen[line.video_id]}); "
+                                        "a video must be listed once: fix the split files", split, K_SPLIT_LINE))
                 continue
             seen[line.video_id] = f"{split} {where}"
             notes: list[Problem] = []

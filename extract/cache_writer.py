@@ -160,6 +160,25 @@ class CacheWriter:
         if trash is not None:
             remove(trash)
 
+    def relabel(self, video_id: str, split: str, label: int | None) -> bool:
+        """Give a complete unit the split and label its split file now says, without re-encoding: a copy of the
+        unit with the new metadata is published in its place (atomic, like a write). True when it changed."""
+        final = self.unit_path(video_id)
+        attrs = self.backend.read_attrs(final)
+        meta = attrs["meta"]
+        if (meta["split"], meta["label"]) == (split, None if label is None else int(label)):
+            return False
+        attrs["meta"] = {**meta, "split": split, "label": None if label is None else int(label)}
+        tmp = final.parent / tmp_name("tmp", final.name)
+        try:
+            self.backend.copy_unit(final, tmp, attrs)
+        except BaseException:
+            remove(tmp)
+            raise
+        self._unseal()
+        self._publish(tmp, final)
+        return True
+
     def discard(self, video_id: str) -> bool:
         """Delete a video's unit (e.g. one `verify` flagged) so the next run re-extracts it."""
         final = self.unit_path(video_id)

@@ -279,6 +279,8 @@ def _extract_share(dataset, spec: ExtractionSpec, encoders: FrozenEncoders, writ
     for v in mine:
         if v.video_id not in pending_ids:  # complete and sound: an error file left by a killed run is stale
             writer.clear_error(v.video_id)
+            if writer.relabel(v.video_id, v.split, v.label):      # a corrected split file: metadata only
+                summary.notes.append((v.video_id, f"split/label updated to {v.split}/{v.label} from the split file"))
 
     start = time.perf_counter()
     _run_loop(todo, spec, encoders, writer, opts, summary, on_progress, should_stop)

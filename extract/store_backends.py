@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -39,6 +40,9 @@ class Backend(Protocol):
     def list_units(self, folder: Path) -> dict[str, Path]:
         """key -> path of every unit in `folder` with this backend's suffix; names starting with '.' are
         temporary or trash and never listed."""
+
+    def copy_unit(self, src: Path, dst: Path, attrs: dict[str, Any]) -> None:
+        """A durable copy of unit `src` at `dst` (which does not exist yet) with another attribute document."""
 
 
 def _chunks(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -97,6 +101,13 @@ class ZarrBackend:
         doc = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
         return doc["attributes"][ATTR]
 
+    def copy_unit(self, src: Path, dst: Path, attrs: dict[str, Any]) -> None:
+        shutil.copytree(src, dst)
+        doc = json.loads((dst / "zarr.json").read_text(encoding="utf-8"))
+        doc["attributes"][ATTR] = attrs
+        (dst / "zarr.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        fsync_tree(dst)
+
     def read_arrays(self, path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
         group = self._open(path)
         return {n: np.asarray(group[n][...]) for n in names}
@@ -140,6 +151,14 @@ class HDF5Backend:
 
         with h5py.File(path, "r", locking=False) as f:
             return f[name][index]
+
+    def copy_unit(self, src: Path, dst: Path, attrs: dict[str, Any]) -> None:
+        import h5py
+
+        shutil.copyfile(src, dst)
+        with h5py.File(dst, "r+", locking=False) as f:
+            f.attrs[ATTR] = json.dumps(attrs, sort_keys=True)
+        fsync_path(dst)
 
     def list_units(self, folder: Path) -> dict[str, Path]:
         return _list(folder, self.suffix)
