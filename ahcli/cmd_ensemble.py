@@ -15,7 +15,7 @@ from ahcli.options import OPT_ALLOW_PARTIAL, console, progress_bar, reflow
 from ahcli.session import OPT_LOG_EVERY, Session, command_line
 from ahflows.ablate import LOG_FILE, run_ablation
 from ahflows.ablation_table import METRICS, full_vs_single
-from ahflows.ensemble import run_ensemble
+from ahflows.ensemble import check_out_folder, run_ensemble
 from ahflows.submission import NO_PROBS, WITH_PROBS
 from heads.train_state import TrainingStopped
 
@@ -51,6 +51,7 @@ def ensemble_cmd(
     are written at the end, so rerun the same command), exit 130/143. OUT/ensemble.log keeps the run's lines."""
 
     with Session("ensemble", log_every, console) as run:
+        check_out_folder(out, runs)                     # before the log file goes into OUT
         if out.is_dir():
             run.attach(out / "ensemble.log")
         with progress_bar() as progress, run.stop.finishing():

@@ -22,7 +22,7 @@ from ahflows.raw_media import load_run_with_media
 from ahflows.submission import (DECIMALS, PLACEHOLDER_P1, check_missing, private_order, private_split_file, quantise,
                                 write_submission)
 from extract.errors import AHError
-from extract.files import atomic_write_json, atomic_write_text
+from extract.files import atomic_write_json, atomic_write_text, read_json_object, refuse_foreign_folder
 from extract.listing import require_complete, split_coverage
 from extract.locks import folder_lock
 from extract.stopping import never
@@ -31,7 +31,7 @@ from extract.vocab import SPLITS
 from heads.data import SplitData, load_split, resolve_device
 from heads.infer import data_needs, predict_split
 from heads.metrics import bah_metrics, sweep_threshold
-from heads.run_files import read_config
+from heads.run_files import is_run_folder, read_config
 from heads.runs import Run
 
 
@@ -141,6 +141,25 @@ def write_predictions(path: Path, scores: dict[str, SplitScores], threshold: flo
     atomic_write_text(path, buf.getvalue())
 
 
+ENSEMBLE_OWN_FILES = (".lock", "ensemble.log")
+
+
+def is_ensemble_folder(path: Path) -> bool:
+    """A folder this program wrote as an ensemble (its metrics.json lists member runs; it is no run)."""
+    try:
+        m = read_json_object(Path(path) / "metrics.json", EnsembleError)
+    except (EnsembleError, FileNotFoundError):
+        return False
+    return "runs" in m and "threshold" in m and not is_run_folder(path)
+
+
+def check_out_folder(out: Path, runs: Sequence[Path]) -> None:
+    """OUT is new, empty or an earlier ensemble's, and none of the input runs (one line, nothing written)."""
+    if any(Path(out).resolve() == Path(r).resolve() for r in runs):
+        raise EnsembleError(f"{out}: is one of the input runs; choose another --out (nothing was changed)")
+    refuse_foreign_folder(out, is_ensemble_folder, "an ensemble folder", ours=ENSEMBLE_OWN_FILES)
+
+
 def run_ensemble(
     runs: Sequence[Path],
     cache: Path,
@@ -165,6 +184,7 @@ def run_ensemble(
     if windows < 1:
         raise EnsembleError(f"windows must be >= 1 (got {windows})")
     out = Path(out)
+    check_out_folder(out, runs)
     reader = CacheReader(cache)
     dev = resolve_device(device)
     loaded = load_runs([Path(r) for r in runs], reader, dev, data_root, private_root)

@@ -133,6 +133,20 @@ def read_json_object(path: Path, error: type[AHError] = AHError, what: str = "fi
     return obj
 
 
+def refuse_foreign_folder(out: Path, is_own: Callable[[Path], bool], what: str, ours: tuple[str, ...] = ()) -> None:
+    """Refuse (one line, before anything is written) to write into an existing folder that holds files but
+    is not a `what` this program wrote (`is_own`); the names in `ours` (its lock, its log) do not count."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise AHError(f"{out}: exists and is not a folder; choose a new or empty folder")
+    names = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".tmp."))
+    if names and not is_own(out):
+        raise AHError(f"{out}: exists and is not {what} (it holds {names[0]}); choose a new or empty folder "
+                      "(nothing was changed)")
+
+
 # ---- YAML -----------------------------------------------------------------------------------------------
 
 

@@ -16,13 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from extract.files import atomic_write_json, remove_stale_tmp
+from extract.files import atomic_write_json, refuse_foreign_folder, remove_stale_tmp
 from heads import run_files as rf
 from heads.config import TrainConfig
 from heads.runs import load_run
 from heads.topblocks import TOPS_FILE, head_model_of, save_tops, tops_of
 from heads.train_state import EpochRecord, TrainResult, TrainState
 
+
+RUN_OWN_FILES = (".lock", "train.log")      # what the CLI may have put in a new run folder first
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The optimizer's tensors by flat name (device tensors, not copied) and the rest as JSON."""
@@ -126,6 +128,7 @@ def _write_epoch(out: Path, tensors: dict, meta: dict, best: dict | None, best_e
 def check_out_folder(out: str | Path, resume: bool) -> None:
     """Refuse (one line) to train into a folder that already holds a run unless resuming it."""
     out = Path(out)
+    refuse_foreign_folder(out, rf.is_run_folder, "a run folder", ours=RUN_OWN_FILES)
     if not resume and ((out / rf.STATE_FILE).exists() or (out / rf.METRICS_FILE).exists()):
         raise rf.RunError(f"{out}: already holds a run; pass --resume to continue it or choose another folder")
 

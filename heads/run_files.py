@@ -188,3 +188,11 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunError(f"{run_dir}: run is incomplete ({METRICS_FILE} missing); finish it with --resume")
     return read_json_object(path, RunError, "run metrics")
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder this program wrote as a run (its config.json says so)."""
+    try:
+        return read_config(path) is not None
+    except (RunError, FileNotFoundError):
+        return False
