@@ -233,10 +233,12 @@ def _inside(path: Path, root_real: Path, allow_symlinks: bool, what: str) -> Non
                                "pass allow_symlinks to accept it")
 
 
-def _face_frames(face_dir: Path) -> tuple[list[Path], list[int], list[Path]]:
-    """Frames sorted numerically (frame-10 after frame-9), their numbers, and those that are symlinks."""
+def _face_frames(face_dir: Path) -> tuple[list[Path], list[int], list[Path], list[Path]]:
+    """Frames sorted numerically (frame-10 after frame-9), their numbers, those that are symlinks, and those
+    that are not regular files (a FIFO or a device would block or never end the decoder)."""
     numbered: list[tuple[int, Path]] = []
     links: list[Path] = []
+    special: list[Path] = []
     with os.scandir(face_dir) as it:
         for entry in it:
             m = _FRAME_RE.match(entry.name)
@@ -244,8 +246,10 @@ def _face_frames(face_dir: Path) -> tuple[list[Path], list[int], list[Path]]:
                 numbered.append((int(m.group(1)), Path(entry.path)))
                 if entry.is_symlink():
                     links.append(Path(entry.path))
+                if not entry.is_file():          # follows a link: a link to a device is special too
+                    special.append(Path(entry.path))
     numbered.sort(key=lambda t: t[0])
-    return [p for _, p in numbered], [n for n, _ in numbered], links
+    return [p for _, p in numbered], [n for n, _ in numbered], links, sorted(special)
 
 
 def transcript_path(base: Path, video_id: str) -> Path:
@@ -274,9 +278,12 @@ def _faces_of(base: Path, base_real: Path, rel: PurePosixPath, allow_symlinks: b
     if not face_dir.is_dir():
         raise _Skip(K_MISSING_FACES, f"{face_dir}: face folder not found")
     _inside(face_dir, base_real, allow_symlinks, "the face folder")
-    frames, numbers, links = _face_frames(face_dir)
+    frames, numbers, links, special = _face_frames(face_dir)
     if not frames:
         raise _Skip(K_MISSING_FACES, f"{face_dir}: face folder holds no frame-<N>.jpg")
+    if special:
+        raise _Skip(K_UNREADABLE, f"{special[0]}: not a regular file ({len(special)} such frame(s)); it would "
+                                  "block the decoder: replace it with the face crop")
     for p in links:  # scandir knows which entries are links: resolve only those
         _inside(p, base_real, allow_symlinks, "a face frame")
     if numbers != list(range(len(numbers))):

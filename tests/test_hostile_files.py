@@ -88,3 +88,31 @@ def test_tiny_encoders_never_overwrite_a_users_folder(tmp_path):
         "cache_spec.yaml"]
     spec = write_tiny_encoders(tmp_path / "tiny")
     assert write_tiny_encoders(tmp_path / "tiny") == spec          # its own folder: rewritten
+
+
+def test_a_fifo_face_frame_is_named_by_data_check_and_extract_goes_on(synth_tree, tiny_specs, ahcli_fork, tmp_path):
+    import json
+    import shutil
+
+    from conftest import extract_args
+    from extract.bah import read_bah
+    from extract.store import CacheReader
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_tree[0] / "data", data)
+    videos = sorted(read_bah(data).videos, key=lambda v: v.video_id)
+    victim = videos[0]
+    frame = victim.face_frames[3]
+    frame.unlink()
+    os.mkfifo(frame)
+
+    check = ahcli_fork.run("data", "check", data, "--json", timeout=120)
+    assert check.rc == 1
+    problems = json.loads(check.out)["problems"]
+    assert any(p["video_id"] == victim.video_id and "frame-3.jpg" in p["problem"] and "not a regular file"
+               in p["problem"] for p in problems)
+
+    with no_hang(240):
+        res = ahcli_fork.run(*extract_args(data, tmp_path / "cache", tiny_specs["zarr"]), timeout=230)
+    assert res.rc == 1 and victim.video_id in res.out + res.err
+    assert CacheReader(tmp_path / "cache").video_ids() == sorted(v.video_id for v in videos[1:])
