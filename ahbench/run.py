@@ -60,9 +60,15 @@ def run_bench(device: str, quick: bool, workers: int, log: Callable[[str], None]
     wants_full = full_run if full_run is not None else (cuda or not quick)
     done, total = [0], 7 + int(wants_full)        # the sections below (one is skipped without encoder numbers)
 
+    started = time.perf_counter()
+
     def section(name: str, title: str, fn: Callable[[], Any]) -> Any:
+        # Sections are uneven, so the ETA is only the mean section time so far times the sections left.
+        elapsed = time.perf_counter() - started
+        pace = f"{done[0] / elapsed * 60:.1f} sections/min, ETA {elapsed / done[0] * (total - done[0]):.0f} s, " \
+            if done[0] else ""
         done[0] += 1
-        log(f"[{done[0]}/{total}] {title}")
+        log(f"[{done[0]}/{total}] {title} ({pace}elapsed {elapsed:.0f} s)")
         try:
             out[name] = fn()
         except Exception as exc:  # a benchmark that breaks must not take the others' numbers with it

@@ -26,9 +26,9 @@ from torch import nn
 
 from ahbench.models import full_size_models
 from ahflows.raw_media import ragged_tokens, truncate_top
+from extract.devices import resolve_device
 from extract.encoders import conv_output_length
 from heads.config import ModelConfig, TrainConfig
-from heads.data import resolve_device
 from heads.infer import autocast
 from heads.model import build_model
 from heads.tokens import Tokens

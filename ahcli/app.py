@@ -2,6 +2,7 @@
 heavy imports (torch, transformers) stay inside the commands so `ahcli --help` is instant."""
 from __future__ import annotations
 
+import os
 import sys
 from importlib import metadata
 
@@ -10,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ahcli import cmd_bench, cmd_data, cmd_demo, cmd_ensemble, cmd_extract, cmd_finetune, cmd_heads, cmd_report
-from ahcli.session import failure_line, last_failure
+from ahcli.session import DEBUG_ENV, UNEXPECTED, failure_line, last_failure
 from extract.errors import AHError
 from extract.stopping import Interrupted
 
@@ -53,9 +54,10 @@ for module in (cmd_data, cmd_extract, cmd_heads, cmd_ensemble, cmd_finetune, cmd
 
 
 def main() -> None:
+    caught = (AHError, Interrupted, KeyboardInterrupt, OSError) + (() if os.environ.get(DEBUG_ENV) else UNEXPECTED)
     try:
         app()
-    except (AHError, Interrupted, KeyboardInterrupt) as exc:
+    except caught as exc:
         text, code = last_failure() or failure_line(exc)
         shown = f"[bold red]error:[/] {escape(str(exc))}" if isinstance(exc, AHError) else escape(text)
         Console(stderr=True).print(shown, highlight=False, soft_wrap=True)

@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from ahbench.run import render_markdown, run_bench, save
 from ahcli.session import OPT_LOG_EVERY, Heartbeat, duration
-from extract.run import resolve_device
+from extract.devices import resolve_device
 
 console = Console(stderr=True)
 
@@ -47,7 +47,7 @@ def bench(
 
     with Heartbeat(log_every, lambda spent: None if console.is_terminal else console.print(
             f"bench: {current[0]} still running, elapsed {duration(spent)}", highlight=False)):
-        results = run_bench(resolve_device(device), quick, workers, log=log, checkpoint=checkpoint,
+        results = run_bench(str(resolve_device(device)), quick, workers, log=log, checkpoint=checkpoint,
                             full_run=full_run)
     path = save(results, results_dir)
     console.print(f"results: {path}; report: {markdown}")

@@ -14,9 +14,9 @@ from ahcli.options import (OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CH
                            OPT_ENCODER_LR_SCALE, OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT, OPT_HEAD_DROPOUT,
                            OPT_HEAD_HIDDEN, OPT_JSON, OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN, OPT_MODALITIES,
                            OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_RESUME, OPT_SEED, OPT_STOP_AFTER,
-                           OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT, OPT_WEIGHT_DECAY, Pooling, TextSource, console,
-                           model_options, report_result, train_config, train_with_progress, OPT_TENSORBOARD,
-                           warn_partial, with_interrupt_help)
+                           OPT_TENSORBOARD, OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT, OPT_WEIGHT_DECAY, Pooling, TextSource,
+                           console, model_options, report_result, train_config, train_with_progress, warn_partial,
+                           with_interrupt_help)
 from ahcli.session import OPT_LOG_EVERY, Session, command_line
 from ahflows.epoch_scalars import EpochScalars
 from ahflows.finetune import finetune

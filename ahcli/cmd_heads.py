@@ -10,23 +10,24 @@ from pathlib import Path
 
 import typer
 
-from ahcli.options import (OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CHECKPOINT_EVERY, OPT_DEVICE, OPT_DIM,
-                           OPT_ENCODER_LR_SCALE, OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT, OPT_HEAD_DROPOUT,
-                           OPT_HEAD_HIDDEN, OPT_JSON, OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN, OPT_MODALITIES,
-                           OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_RESUME, OPT_SEED, OPT_STOP_AFTER,
-                           OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT, OPT_WEIGHT_DECAY, Pooling, TextSource, console,
-                           metrics_table, model_options, progress_bar, report_result, train_config,
-                           train_with_progress, OPT_ALLOW_PARTIAL, OPT_TENSORBOARD, warn_partial, with_interrupt_help)
+from ahcli.options import (OPT_ACCUM, OPT_ALLOW_PARTIAL, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CHECKPOINT_EVERY,
+                           OPT_DEVICE, OPT_DIM, OPT_ENCODER_LR_SCALE, OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT,
+                           OPT_HEAD_DROPOUT, OPT_HEAD_HIDDEN, OPT_JSON, OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN,
+                           OPT_MODALITIES, OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_RESUME, OPT_SEED,
+                           OPT_STOP_AFTER, OPT_TENSORBOARD, OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT, OPT_WEIGHT_DECAY,
+                           Pooling, TextSource, console, metrics_table, model_options, progress_bar, report_result,
+                           train_config, train_with_progress, warn_partial, with_interrupt_help)
 from ahcli.session import OPT_LOG_EVERY, Session, command_line
 from ahflows.checkpoint_a import train_from_cache
 from ahflows.epoch_scalars import EpochScalars
 from ahflows.raw_media import load_run_with_media
+from extract.devices import resolve_device
 from extract.listing import require_complete, split_coverage
 from extract.locks import folder_lock
 from extract.store import CacheReader
 from extract.vocab import TRAIN_SPLITS, check_split, parse_modalities
 from heads.config import ModelConfig
-from heads.data import load_split, resolve_device
+from heads.data import load_split
 from heads.infer import evaluate_split, layers_needed, require_inputs
 from heads.resume import check_out_folder
 from heads.run_files import RunError, cache_record

@@ -11,6 +11,7 @@ places the real work runs: batch jobs whose output goes to a file, schedulers th
 """
 from __future__ import annotations
 
+import errno
 import shlex
 import sys
 import threading
@@ -62,7 +63,26 @@ def failure_line(exc: BaseException) -> tuple[str, int] | None:
                 f"resume with: {resume}", exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
         return f"interrupted by SIGINT; resume with: {resume}", 130
+    if isinstance(exc, OSError):
+        return os_error_line(exc), 1
+    if isinstance(exc, UNEXPECTED):
+        return (f"error: {type(exc).__name__}: {exc} (an input this program did not expect; rerun with "
+                f"{DEBUG_ENV}=1 for the traceback and report it with the command)", 1)
     return None
+
+
+# Programming-level failures that escape a command: one line at the CLI (the traceback with AH_DEBUG=1).
+UNEXPECTED = (ValueError, TypeError, KeyError, IndexError, RuntimeError)
+DEBUG_ENV = "AH_DEBUG"
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a file-system failure: the path, what the system said, and what to do for the usual ones."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    hint = {errno.ENOSPC: "; free some space and rerun the same command (finished work is kept)",
+            errno.EACCES: "; check the folder's permissions", errno.EROFS: "; the file system is read-only",
+            errno.EDQUOT: "; over the disk quota"}.get(exc.errno or 0, "")
+    return f"error: {where}{exc.strerror or exc}{hint}"
 
 
 def duration(seconds: float) -> str:

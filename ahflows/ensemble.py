@@ -21,6 +21,7 @@ import numpy as np
 from ahflows.raw_media import load_run_with_media
 from ahflows.submission import (DECIMALS, PLACEHOLDER_P1, check_missing, private_order, private_split_file, quantise,
                                 write_submission)
+from extract.devices import resolve_device
 from extract.errors import AHError
 from extract.files import atomic_write_json, atomic_write_text, read_json_object, refuse_foreign_folder
 from extract.listing import require_complete, split_coverage
@@ -28,12 +29,11 @@ from extract.locks import folder_lock
 from extract.stopping import never
 from extract.store import CacheReader
 from extract.vocab import SPLITS
-from heads.data import SplitData, load_split, resolve_device
+from heads.data import SplitData, load_split
 from heads.infer import data_needs, predict_split
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.run_files import is_run_folder, read_config
 from heads.runs import Run
-
 
 SCORED = ("val", "test")                  # the splits whose metrics are reported (private: see submission.py)
 

@@ -27,8 +27,8 @@ import torch
 from ahflows.single import CachedVideo, load_video
 from extract.bah import PRIVATE_DIR, read_split_file, split_file, transcript_path
 from extract.encoders import text_segments
-from extract.loading import load_preprocessor
 from extract.errors import AHError
+from extract.loading import load_preprocessor
 from extract.spec import spec_from_dict
 from extract.store import CacheReader
 from extract.transcripts import parse_transcript

@@ -24,12 +24,12 @@ from torch import Tensor
 
 from ahflows.raw_media import LowerEncoders, RawBatch, RawItem, decoded, eval_starts, raw_window_logits
 from extract.bah import Video, read_bah
+from extract.devices import resolve_device
 from extract.errors import AHError
 from extract.listing import Coverage
 from extract.spec import ExtractionSpec, load_spec
 from extract.vocab import TRAIN_SPLITS, parse_modalities
 from heads.config import ModelConfig, TrainConfig
-from heads.data import resolve_device
 from heads.model import build_model
 from heads.topblocks import TopBlocksHeads, encoders_record
 from heads.train import Learner, fit

@@ -21,16 +21,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from extract.bah import Video, read_bah
 from extract.decode import decode_windows
+from extract.devices import resolve_device
 from extract.encoders import audio_forward, audio_segment_lengths, text_segments, texts_forward, video_forward
-from extract.loading import load_backbone, load_preprocessor, resolve_spec, weights_id_of
 from extract.errors import AHError
+from extract.loading import load_backbone, load_preprocessor, resolve_spec, weights_id_of
 from extract.run import window_count
 from extract.spec import ExtractionSpec
 from extract.stopping import quiet_worker
 from extract.store import CacheReader
 from extract.vocab import LAST, MODALITIES
 from extract.windows import window_starts
-from heads.data import SplitData, resolve_device
+from heads.data import SplitData
 from heads.infer import WindowLogits, autocast, per_video_modalities
 from heads.run_files import RunError
 from heads.runs import Run, load_run

@@ -25,12 +25,12 @@ from ahflows.ablation_table import read_csv, videos_line
 from ahflows.ensemble import cache_splits, score_splits
 from ahflows.plots import (METRIC_LABELS, AblationRow, SplitPredictions, plot_ablation_bars, plot_confusion,
                            plot_pr_curves, plot_threshold_curve, plot_training_curves)
+from extract.devices import resolve_device
 from extract.errors import AHError
 from extract.files import read_json_object
 from extract.listing import require_complete, split_coverage
 from extract.store import CacheReader
 from extract.vocab import canonical_letters, is_letters
-from heads.data import resolve_device
 from heads.metrics import bah_metrics
 from heads.run_files import read_history
 from heads.runs import load_run

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import re
 import shutil
 import socket
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable

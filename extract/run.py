@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from extract.bah import Video, read_bah
 from extract.cache_writer import CacheWriter
 from extract.decode import decode_windows
+from extract.devices import resolve_device
 from extract.dist import Dist, all_sum, barrier, init_distributed, shard
 from extract.encoders import FrozenEncoders, load_encoders
 from extract.errors import AHError
@@ -54,6 +55,10 @@ class ExtractOptions:
     private_root: Path | None = None
     allow_symlinks: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.workers < 0:
+            raise AHError(f"--batch-size must be >= 1 and --workers >= 0 (got {self.batch_size} and {self.workers})")
 
 
 @dataclass
@@ -125,14 +130,6 @@ def phase_report(summary: ExtractSummary) -> str:
     elif summary.phases.get("waiting for cache writes", 0.0) > 0.3 * total:
         line += "; the cache writes are the bottleneck: a faster disk, or `backend: hdf5` in the spec"
     return line
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AHError(f"--device {device}: CUDA is not available on this machine")
-    return device
 
 
 def window_count(spec: ExtractionSpec, split: str) -> int:
@@ -227,7 +224,7 @@ def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOpt
     is called once the cache is open and (rank 0) locked, e.g. to start a log file in it."""
     dist = init_distributed()
     spec = load_spec(spec_path)
-    device = resolve_device(opts.device)
+    device = str(resolve_device(opts.device))
     if device == "cuda" and dist.active:
         device = f"cuda:{dist.local_rank}"
     dataset = read_bah(data_root, private_root=opts.private_root, splits=opts.splits, allow_symlinks=opts.allow_symlinks)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from extract.devices import resolve_device
 from extract.errors import AHError
 from extract.vocab import LAST, MODALITIES, PREFIX, SEGMENTS
 from heads.host_memory import available_bytes
@@ -229,15 +230,6 @@ def _ragged_random(lengths: Tensor, dim: int, g: torch.Generator, dtype: torch.d
 
 
 # ---- loading from the cache ------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"device {device!r}: CUDA is not available on this machine")
-    return dev
 
 
 def placement(nbytes: int, compute: torch.device, headroom: float = 0.6) -> torch.device:

@@ -23,7 +23,6 @@ from heads.runs import load_run
 from heads.topblocks import TOPS_FILE, head_model_of, save_tops, tops_of
 from heads.train_state import EpochRecord, TrainResult, TrainState
 
-
 RUN_OWN_FILES = (".lock", "train.log")      # what the CLI may have put in a new run folder first
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -13,8 +13,8 @@ from extract.errors import AHError
 from extract.store import CacheReader
 from heads.config import ConfigError, ModelConfig, TrainConfig
 from heads.model import ConflictAwareModel
-from heads.run_files import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunError, check_fingerprint, load_tensors, load_weights,
-                             read_config, read_metrics)
+from heads.run_files import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunError, check_fingerprint, load_tensors,
+                             load_weights, read_config, read_metrics)
 from heads.topblocks import (TOPS_FILE, TopBlocksHeads, cache_prefix_problem, head_model_of, load_tops,
                              tops_from_configs, tops_of)
 

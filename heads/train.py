@@ -37,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from extract.devices import resolve_device
 from extract.files import atomic_write_json
 from extract.locks import folder_lock
 from heads import run_files as rf
 from heads.config import ConfigError, ModelConfig, TrainConfig
-from heads.data import SplitData, resolve_device
+from heads.data import SplitData
 from heads.host_memory import keep_freed_memory
 from heads.infer import WindowLogits, autocast, window_logits
 from heads.metrics import bah_metrics, sweep_threshold

@@ -268,7 +268,7 @@ def case_bad_label(data, t):
 
 def case_duplicate(data, t):
     _append_line(data, "test", line_of(data, "train", t["video_id"]))
-    return "duplicate video_id (first at train split/train.txt", None
+    return "listed again (first at train split/train.txt", True     # which label is right? neither is read
 
 
 def case_missing_folder(data, t):

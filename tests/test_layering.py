@@ -32,6 +32,7 @@ import pytest
 CONTRACT = frozenset({
     "extract.errors", "extract.vocab", "extract.spec", "extract.files", "extract.provenance", "extract.record",
     "extract.store", "extract.store_backends", "extract.faults", "extract.locks", "extract.listing",
+    "extract.devices",
 })
 PACKAGES = ("extract", "heads", "ahflows", "ahcli", "ahbench")
 SKIP_DIRS = frozenset({"tests", ".venv", "build", "__pycache__"})

@@ -202,11 +202,14 @@ def partial_case(tmp_path_factory, ref_caches, ahcli_fork):
     shutil.copytree(ref_caches["zarr"], cache)
     test = CacheReader(cache).video_ids("test")
     assert len(test) >= 3
-    (cache / "index.json").unlink()
-    for vid in test[:2]:                                # what a failed extraction leaves: an error file, no unit
+    index = json.loads((cache / "index.json").read_text())
+    for vid in test[:2]:            # what a failed extraction leaves: an error file, no unit, sealed without it
         shutil.rmtree(cache / "videos" / f"{video_key(vid)}.zarr")
-        atomic_write_json(cache / "errors" / f"{video_key(vid)}.json",
-                          {"video_id": vid, "split": "test", "message": "no faces"})
+        error = {"video_id": vid, "split": "test", "message": "no faces"}
+        atomic_write_json(cache / "errors" / f"{video_key(vid)}.json", error)
+        index["videos"] = [e for e in index["videos"] if e["video_id"] != vid]
+        index["errors"] = [*index.get("errors", []), error]
+    atomic_write_json(cache / "index.json", index, indent=1, sort_keys=True)
     run = root / "run"
     res = ahcli_fork.run("train-heads", cache, run, "--epochs", "2", "--dim", "16", "--head-hidden", "16",
                          "--device", "cpu")
