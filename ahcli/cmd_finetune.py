@@ -85,7 +85,7 @@ def finetune_cmd(
         scalars = EpochScalars(out) if tensorboard else None
 
         def on_data(d) -> None:
-            lost = [p for p in d.problems if getattr(p, "fatal", True)]
+            lost = [p for p in d.problems if p.fatal]
             run.say(f"train {len(d.train)} videos, val {len(d.val)} videos; top {unfreeze_top} blocks of each "
                     f"encoder unfrozen (lr {lr * encoder_lr_scale:g}), heads at lr {lr:g}")
             if lost:

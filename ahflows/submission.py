@@ -88,7 +88,7 @@ def private_order(reader, split_file: Path | None) -> PrivateOrder | None:
         listed = set(ids)
         return PrivateOrder(ids, str(split_file), [v for v in ids if v not in have],
                             [v for v in in_cache if v not in listed], [p.problem for p in problems if p.fatal])
-    listed = read_listed(reader.path).get("private") if getattr(reader, "path", None) is not None else None
+    listed = read_listed(reader.path).get("private")
     if listed:                                   # the split file's order, recorded by the extraction
         have, known = set(in_cache), set(listed)
         return PrivateOrder(list(listed), f"{LISTED} (the private split file's order, recorded at extraction)",

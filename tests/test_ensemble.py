@@ -182,6 +182,8 @@ def test_failed_private_extraction_is_listed_from_the_cache_errors(case, tmp_pat
     from ahflows.submission import SubmissionError, check_missing, private_order
 
     class Reader:
+        path = tmp_path                    # no listed.json: the order comes from the cache alone
+
         def video_ids(self, split=None):
             return ["Videos/1/b.mp4", "Videos/1/a.mp4"] if split == "private" else []
 
