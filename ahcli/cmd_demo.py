@@ -1,6 +1,8 @@
 """`ahcli demo OUT`: the whole pipeline on synthetic data (wiring only; the work is in ahflows/demo.py)."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import typer
@@ -29,6 +31,7 @@ def demo_cmd(
     workers: int = typer.Option(1, help="Extraction decoding processes (0: decode in the main process)."),
     threads: int = typer.Option(1, help="Torch intra-op threads (the tiny demo tensors run fastest on one)."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto (the tiny demo is fastest on the CPU)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results table as one JSON object on stdout."),
 ) -> None:
     """Synthetic BAH tree -> tiny encoders -> cache -> checkpoints A and B -> ensemble -> ablation -> reports,
     then a table of the test results. The data and encoders are synthetic: the numbers are not BAH results."""
@@ -37,7 +40,11 @@ def demo_cmd(
                        head_hidden=head_hidden, lr=lr, text_weight=text_weight, workers=workers,
                        device=device, threads=threads)
     res = run_demo(out, opts, console)
-
+    if json_out:
+        typer.echo(json.dumps({"rows": [dataclasses.asdict(r) for r in res.rows], "margin": res.margin,
+                               "full_ahead": res.full_ahead, "summary": str(res.out / "README.md"),
+                               "reports": [str(p) for p in res.reports], "timings_s": res.timings}))
+        return
     table = Table(title="demo test split: synthetic data, tiny random encoders (NOT BAH results)")
     for col in ("model", "Macro F1", "F1-AH", "F1-NoAH", "note"):
         table.add_column(col, justify="left" if col in ("model", "note") else "right")

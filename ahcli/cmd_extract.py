@@ -27,9 +27,13 @@ cache_app = typer.Typer(help="Inspect and check an embedding cache.", no_args_is
 def encoders_tiny(
     out: Path = typer.Argument(..., help="Folder to write DIR/video, DIR/audio, DIR/text and DIR/cache_spec.yaml into."),
     seed: int = typer.Option(0, help="Seed of the random initialisation (same seed, same weights)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the folder and the spec path as JSON on stdout."),
 ) -> None:
     """Write small random-initialised VideoMAE, HuBERT and RoBERTa models in HF format, plus a spec using them."""
     spec = write_tiny_encoders(out, seed=seed)
+    if json_out:
+        typer.echo(json.dumps({"folder": str(out), "spec": str(spec)}))
+        return
     console.print(f"wrote tiny encoders to {out} (spec: {spec})")
 
 
