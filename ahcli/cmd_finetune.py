@@ -7,16 +7,17 @@ fine-tuned encoder blocks (encoder_top.safetensors). The faster equivalent over 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from ahcli.options import (OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CHECKPOINT_EVERY, OPT_DEVICE, OPT_DIM,
-                           OPT_ENCODER_LR_SCALE, OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT, OPT_HEAD_DROPOUT,
-                           OPT_HEAD_HIDDEN, OPT_JSON, OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN, OPT_MODALITIES,
-                           OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_RESUME, OPT_SEED, OPT_STOP_AFTER,
-                           OPT_TENSORBOARD, OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT, OPT_WEIGHT_DECAY, Pooling, TextSource,
-                           console, model_options, report_result, train_config, train_with_progress, warn_partial,
-                           with_interrupt_help)
+                           OPT_ENCODER_LR_SCALE, OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT, OPT_FFN_HIDDEN,
+                           OPT_HEAD_DROPOUT, OPT_HEAD_HIDDEN, OPT_JSON, OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN,
+                           OPT_MODALITIES, OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_RESUME, OPT_SEED,
+                           OPT_STOP_AFTER, OPT_TENSORBOARD, OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT, OPT_WEIGHT_DECAY,
+                           Pooling, TextSource, console, model_options, report_result, train_config,
+                           train_with_progress, warn_partial, with_interrupt_help)
 from ahcli.session import OPT_LOG_EVERY, Session, command_line
 from ahflows.epoch_scalars import EpochScalars
 from ahflows.finetune import finetune
@@ -55,6 +56,7 @@ def finetune_cmd(
     head_hidden: int = OPT_HEAD_HIDDEN,
     head_dropout: float = OPT_HEAD_DROPOUT,
     ffn_dropout: float = OPT_FFN_DROPOUT,
+    ffn_hidden: Optional[int] = OPT_FFN_HIDDEN,
     pooling: Pooling = OPT_POOLING,
     text_source: TextSource = OPT_TEXT_SOURCE,
     eval_windows: int = OPT_EVAL_WINDOWS,
@@ -77,7 +79,7 @@ def finetune_cmd(
                        unfreeze_top=unfreeze_top, encoder_lr_scale=encoder_lr_scale,
                        checkpoint_seconds=checkpoint_every)
     opts = model_options(modalities=modalities, no_conflict=no_conflict, dim=dim, head_hidden=head_hidden,
-                         head_dropout=head_dropout, ffn_dropout=ffn_dropout, pooling=pooling)
+                         head_dropout=head_dropout, ffn_dropout=ffn_dropout, pooling=pooling, ffn_hidden=ffn_hidden)
     check_out_folder(out, resume)
     with Session("finetune", log_every, console) as run, folder_lock(out, "run folder"):
         run.attach(out / TRAIN_LOG)

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from ahcli.options import (OPT_ACCUM, OPT_ALLOW_PARTIAL, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CHECKPOINT_EVERY,
                            OPT_DEVICE, OPT_DIM, OPT_ENCODER_LR_SCALE, OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT,
-                           OPT_HEAD_DROPOUT, OPT_HEAD_HIDDEN, OPT_JSON, OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN,
-                           OPT_MODALITIES, OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_RESUME, OPT_SEED,
-                           OPT_STOP_AFTER, OPT_TENSORBOARD, OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT, OPT_WEIGHT_DECAY,
-                           Pooling, TextSource, console, metrics_table, model_options, progress_bar, report_result,
-                           train_config, train_with_progress, warn_partial, with_interrupt_help)
+                           OPT_FFN_HIDDEN, OPT_HEAD_DROPOUT, OPT_HEAD_HIDDEN, OPT_JSON, OPT_LABEL_SMOOTHING, OPT_LR,
+                           OPT_LR_MIN, OPT_MODALITIES, OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_RESUME,
+                           OPT_SEED, OPT_STOP_AFTER, OPT_TENSORBOARD, OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT,
+                           OPT_WEIGHT_DECAY, Pooling, TextSource, console, metrics_table, model_options, progress_bar,
+                           report_result, train_config, train_with_progress, warn_partial, with_interrupt_help)
 from ahcli.session import OPT_LOG_EVERY, Session, command_line
 from ahflows.checkpoint_a import train_from_cache
 from ahflows.epoch_scalars import EpochScalars
@@ -83,6 +84,7 @@ def train_heads_cmd(
     head_hidden: int = OPT_HEAD_HIDDEN,
     head_dropout: float = OPT_HEAD_DROPOUT,
     ffn_dropout: float = OPT_FFN_DROPOUT,
+    ffn_hidden: Optional[int] = OPT_FFN_HIDDEN,
     pooling: Pooling = OPT_POOLING,
     text_source: TextSource = OPT_TEXT_SOURCE,
     eval_windows: int = OPT_EVAL_WINDOWS,
@@ -126,7 +128,7 @@ def train_heads_cmd(
             val = _load(reader, "val", mods, want_window, device, progress, (cfg.input_layer,), run)
         model_cfg = ModelConfig(input_dims=train.dims(cfg.input_layer), **model_options(
             modalities=modalities, no_conflict=no_conflict, dim=dim, head_hidden=head_hidden,
-            head_dropout=head_dropout, ffn_dropout=ffn_dropout, pooling=pooling))
+            head_dropout=head_dropout, ffn_dropout=ffn_dropout, pooling=pooling, ffn_hidden=ffn_hidden))
         top = f", top {unfreeze_top} encoder blocks unfrozen" if unfreeze_top else ""
         run.say(f"train {len(train)} videos, val {len(val)} videos on {train.device}; "
                 f"modalities {model_cfg.modalities}, conflict {'on' if model_cfg.conflict else 'off'}{top}")

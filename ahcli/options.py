@@ -47,6 +47,9 @@ OPT_DIM = typer.Option(768, help="Shared projection width D.")
 OPT_HEAD_HIDDEN = typer.Option(512, help="Hidden width of the full and text heads.")
 OPT_HEAD_DROPOUT = typer.Option(0.3, help="Dropout inside the heads.")
 OPT_FFN_DROPOUT = typer.Option(0.1, help="Dropout inside the fusion FFN (not given in the paper).")
+OPT_FFN_HIDDEN = typer.Option(
+    None, "--ffn-hidden", help="Hidden width of the fusion FFN as a number (default: 2 x the fusion width, the "
+    "paper's 2 x 6D = 9216 with all three modalities; 1536 = 2 x D is the other reading, see docs/REPRODUCE.md).")
 OPT_POOLING = typer.Option(Pooling.fused, help="Attention pooling form: fused (cheap) or literal (reference); same numbers.")
 OPT_TEXT_SOURCE = typer.Option(TextSource.full, help="Text tokens: the full transcript or the window-aligned one.")
 OPT_EVAL_WINDOWS = typer.Option(0, help="Eval windows averaged on val each epoch (0 = all the spec gives).")
@@ -96,10 +99,11 @@ def train_config(*, seed, epochs, patience, lr, lr_min, weight_decay, batch_size
                        checkpoint_seconds=checkpoint_seconds)
 
 
-def model_options(*, modalities, no_conflict, dim, head_hidden, head_dropout, ffn_dropout, pooling) -> dict:
+def model_options(*, modalities, no_conflict, dim, head_hidden, head_dropout, ffn_dropout, pooling,
+                  ffn_hidden=None) -> dict:
     """heads.model.ModelConfig options besides input_dims."""
     return dict(modalities=modalities, dim=dim, conflict=not no_conflict, head_hidden=head_hidden,
-                head_dropout=head_dropout, ffn_dropout=ffn_dropout, pooling=Pooling(pooling).value)
+                head_dropout=head_dropout, ffn_dropout=ffn_dropout, ffn_hidden=ffn_hidden, pooling=Pooling(pooling).value)
 
 
 def progress_bar():

@@ -58,7 +58,7 @@ ALPHAS = (0.0, 0.5, 0.6, 1.0)
 WINDOWS = (1, 3, 5)
 ENSEMBLE_WINDOWS = 5
 CONTROLLED = ("seed", "modalities", "conflict", "text_source", "label_smoothing", "unfreeze_top")
-MODEL_KEYS = ("dim", "head_hidden", "head_dropout", "ffn_dropout", "ffn_mult", "pooling")
+MODEL_KEYS = ("dim", "head_hidden", "head_dropout", "ffn_dropout", "ffn_mult", "ffn_hidden", "pooling")
 LOG_FILE = "trainings.jsonl"
 
 

@@ -35,7 +35,7 @@ from heads.config import ModelConfig
 
 FORMAT = "conflict-aware-ah/heads-run"
 VERSION = 1
-CONFIG_KEYS = {"format", "version", "model", "train", "cache", "provenance", "extra", "encoders"}
+CONFIG_KEYS = {"format", "version", "model", "train", "cache", "provenance", "extra", "encoders", "parameters"}
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -97,9 +97,10 @@ def cache_record(reader: CacheReader | None = None) -> dict[str, Any]:
 
 
 def make_config(model_cfg: ModelConfig, train_cfg, cache: dict[str, Any], extra: dict | None = None,
-                encoders: dict | None = None) -> dict:
+                encoders: dict | None = None, parameters: dict[str, int] | None = None) -> dict:
+    """config.json of a run; `parameters`: trainable parameter counts ({"heads": N, "encoder_blocks": M})."""
     cfg = {"format": FORMAT, "version": VERSION, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
-           "cache": cache, "provenance": provenance(), "extra": extra or {}}
+           "cache": cache, "provenance": provenance(), "extra": extra or {}, "parameters": parameters or {}}
     if encoders is not None:
         cfg["encoders"] = encoders
     return cfg

@@ -48,7 +48,7 @@ from heads.infer import WindowLogits, autocast, window_logits
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.model import build_model
 from heads.resume import Checkpointer, SnapshotBuffers, check_out_folder, finalize, prepare_out, restore
-from heads.topblocks import TopBlocksHeads, data_has_prefix, tops_of
+from heads.topblocks import TopBlocksHeads, data_has_prefix, head_model_of, tops_of
 from heads.train_state import EpochRecord, TrainingStopped, TrainProgress, TrainResult, TrainState
 
 # ---- pieces ----------------------------------------------------------------------------------------
@@ -96,6 +96,13 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     heads = [p for p in model.parameters() if p.requires_grad and id(p) not in top_ids]
     blocks = [p for p in tops.parameters() if p.requires_grad]
     return [{"params": heads, "lr": cfg.lr}, {"params": blocks, "lr": cfg.lr * cfg.encoder_lr_scale}]
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters of the heads and (checkpoint A) of the unfrozen encoder blocks."""
+    tops = tops_of(model)
+    return {"heads": sum(p.numel() for p in head_model_of(model).parameters()),
+            "encoder_blocks": 0 if tops is None else sum(p.numel() for p in tops.parameters())}
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, n_train: int, device: torch.device):
@@ -251,7 +258,7 @@ def _fit(learner: Learner, model_cfg: ModelConfig, cfg: TrainConfig, out: Path |
     st = TrainState()
     best_weights: dict[str, Tensor] | None = None
 
-    config_json = rf.make_config(model_cfg, cfg, cache, extra, encoders=encoders)
+    config_json = rf.make_config(model_cfg, cfg, cache, extra, encoders=encoders, parameters=parameter_counts(model))
     if out is not None:
         done = prepare_out(out, resume, config_json)
         if done is not None:

@@ -17,7 +17,7 @@ from heads.runs import load_run
 from heads.data import DataError, load_split
 from heads.infer import predict_split, window_logits
 from heads.metrics import sweep_threshold
-from heads.config import ConfigError
+from heads.config import ConfigError, ModelConfig
 from heads.train_state import TrainingStopped
 from heads.train import joint_loss, pos_weight_of, steps_per_epoch, train_heads
 
@@ -367,3 +367,12 @@ def test_accumulation_weights_reproduce_micro_batch_accumulation():
     ((lin(x).squeeze(-1) - y).pow(2) * w).sum().backward()
     for a, b in zip(ref, (p.grad for p in lin.parameters())):
         torch.testing.assert_close(a, b)
+
+
+def test_run_config_records_the_ffn_width_and_parameter_counts(conflict_data, tmp_path):
+    train, val = conflict_data
+    mc = ModelConfig(**{**tiny_model(train).to_dict(), "ffn_hidden": 24})
+    r = train_heads(train, val, mc, tiny_train(epochs=1), tmp_path / "run")
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["model"]["ffn_hidden"] == 24 and r.model.ffn[1].out_features == 24
+    assert cfg["parameters"] == {"heads": sum(p.numel() for p in r.model.parameters()), "encoder_blocks": 0}
