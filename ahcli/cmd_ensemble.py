@@ -124,6 +124,7 @@ def ablate_cmd(
     head_dropout: Optional[float] = typer.Option(None, help="Dropout inside the heads (default: 0.3)."),
     ffn_dropout: Optional[float] = typer.Option(None, help="Dropout inside the fusion FFN (default: 0.1)."),
     ffn_hidden: Optional[int] = typer.Option(None, help="Hidden width of the fusion FFN (default: 2 x the fusion width)."),
+    pos_weight: Optional[str] = typer.Option(None, help="BCE pos_weight: train (default), train+val or a number."),
     batch_size: Optional[int] = typer.Option(None, help="Videos per micro-batch (default: 4)."),
     accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default: 4)."),
     alpha: Optional[float] = typer.Option(None, help="Text blend used to select epochs and thresholds (default: 0.6)."),
@@ -148,6 +149,7 @@ def ablate_cmd(
     130/143. OUT is locked while it is written and keeps a log in OUT/ablate.log."""
     options = dict(epochs=epochs, patience=patience, lr=lr, lr_min=lr_min, weight_decay=weight_decay, dim=dim,
                    head_hidden=head_hidden, head_dropout=head_dropout, ffn_dropout=ffn_dropout, ffn_hidden=ffn_hidden,
+                   pos_weight=pos_weight,
                    batch_size=batch_size, accum=accum, alpha=alpha)
     base = {k: v for k, v in options.items() if v is not None}
     if not amp:

@@ -14,9 +14,9 @@ import typer
 from ahcli.options import (OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CHECKPOINT_EVERY, OPT_DEVICE, OPT_DIM,
                            OPT_ENCODER_LR_SCALE, OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT, OPT_FFN_HIDDEN,
                            OPT_HEAD_DROPOUT, OPT_HEAD_HIDDEN, OPT_JSON, OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN,
-                           OPT_MODALITIES, OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_RESUME, OPT_SEED,
-                           OPT_STOP_AFTER, OPT_TENSORBOARD, OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT, OPT_WEIGHT_DECAY,
-                           Pooling, TextSource, console, model_options, report_result, train_config,
+                           OPT_MODALITIES, OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_POS_WEIGHT, OPT_RESUME,
+                           OPT_SEED, OPT_STOP_AFTER, OPT_TENSORBOARD, OPT_TEXT_SOURCE, OPT_TEXT_WEIGHT,
+                           OPT_WEIGHT_DECAY, Pooling, TextSource, console, model_options, report_result, train_config,
                            train_with_progress, warn_partial, with_interrupt_help)
 from ahcli.session import OPT_LOG_EVERY, Session, command_line
 from ahflows.epoch_scalars import EpochScalars
@@ -43,6 +43,7 @@ def finetune_cmd(
     no_conflict: bool = OPT_NO_CONFLICT,
     alpha: float = OPT_ALPHA,
     label_smoothing: float = OPT_LABEL_SMOOTHING,
+    pos_weight: str = OPT_POS_WEIGHT,
     text_weight: float = OPT_TEXT_WEIGHT,
     seed: int = OPT_SEED,
     epochs: int = OPT_EPOCHS,
@@ -77,7 +78,7 @@ def finetune_cmd(
                        batch_size=batch_size, accum=accum, text_weight=text_weight, label_smoothing=label_smoothing,
                        alpha=alpha, eval_windows=eval_windows, text_source=text_source, amp=amp, device=device,
                        unfreeze_top=unfreeze_top, encoder_lr_scale=encoder_lr_scale,
-                       checkpoint_seconds=checkpoint_every)
+                       checkpoint_seconds=checkpoint_every, pos_weight=pos_weight)
     opts = model_options(modalities=modalities, no_conflict=no_conflict, dim=dim, head_hidden=head_hidden,
                          head_dropout=head_dropout, ffn_dropout=ffn_dropout, pooling=pooling, ffn_hidden=ffn_hidden)
     check_out_folder(out, resume)

@@ -34,6 +34,9 @@ OPT_ALPHA = typer.Option(0.6, help="Weight of the text head in the blended proba
 OPT_LABEL_SMOOTHING = typer.Option(
     0.0, help="Label smoothing eps: y~ = y(1-eps) + 0.5 eps. The paper's checkpoint B uses 0.1 "
     "(--label-smoothing 0.1); checkpoint A uses 0.")
+OPT_POS_WEIGHT = typer.Option(
+    "train", "--pos-weight", help="BCE pos_weight: n_neg/n_pos of the 'train' labels (leak-free, default), of "
+    "'train+val' (the paper's ~0.96 on BAH), or a number.")
 OPT_TEXT_WEIGHT = typer.Option(0.5, help="Weight w of the text-head loss in (1-w) BCE_full + w BCE_text.")
 OPT_SEED = typer.Option(0, help="Seed for initialisation, batch order, window draws and dropout.")
 OPT_EPOCHS = typer.Option(60, help="Maximum number of epochs.")
@@ -90,13 +93,13 @@ OPT_CHECKPOINT_EVERY = typer.Option(
 
 def train_config(*, seed, epochs, patience, lr, lr_min, weight_decay, batch_size, accum, text_weight,
                  label_smoothing, alpha, eval_windows, text_source, amp, device, unfreeze_top=0,
-                 encoder_lr_scale=0.1, checkpoint_seconds=60.0):
+                 encoder_lr_scale=0.1, checkpoint_seconds=60.0, pos_weight="train"):
     return TrainConfig(seed=seed, epochs=epochs, patience=patience, lr=lr, lr_min=min(lr_min, lr),
                        weight_decay=weight_decay, batch_size=batch_size, accum=accum, text_weight=text_weight,
                        label_smoothing=label_smoothing, alpha=alpha, eval_windows=eval_windows,
                        text_source=TextSource(text_source).value, amp=amp, device=device,
                        unfreeze_top=unfreeze_top, encoder_lr_scale=encoder_lr_scale,
-                       checkpoint_seconds=checkpoint_seconds)
+                       checkpoint_seconds=checkpoint_seconds, pos_weight=pos_weight)
 
 
 def model_options(*, modalities, no_conflict, dim, head_hidden, head_dropout, ffn_dropout, pooling,

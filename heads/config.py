@@ -98,6 +98,9 @@ class TrainConfig:
     accum: int = 4                   # micro-batches per optimizer step (run together as one forward)
     text_weight: float = 0.5         # w in the joint loss
     label_smoothing: float = 0.0     # eps; the paper's checkpoint B uses 0.1
+    # pos_weight of the BCE: n_neg/n_pos of the 'train' labels (leak-free, the default), of 'train+val' (the
+    # paper's ~0.96 on BAH), or a number.
+    pos_weight: str = "train"
     alpha: float = 0.6               # blend weight of the text head at evaluation
     threshold_lo: float = 0.25
     threshold_hi: float = 0.75
@@ -130,6 +133,7 @@ class TrainConfig:
             (0 <= self.threshold_lo <= self.threshold_hi <= 1 and self.threshold_step > 0,
              "thresholds: need 0 <= lo <= hi <= 1 and step > 0"),
             (self.text_source in TEXT_SOURCES, f"text_source must be one of {', '.join(TEXT_SOURCES)}"),
+            (_pos_weight_ok(self.pos_weight), "pos_weight must be 'train', 'train+val' or a positive number"),
             (self.eval_windows >= 0, "eval_windows must be >= 0"),
             (self.unfreeze_top >= 0, "unfreeze_top must be >= 0"),
             (self.encoder_lr_scale > 0, "encoder_lr_scale must be > 0"),
@@ -158,3 +162,15 @@ class TrainConfig:
     def input_layer(self) -> str:
         """The cached layer a batch is read from: the heads' layer, or 'prefix' under unfrozen top blocks."""
         return PREFIX if self.unfreeze_top else self.layer
+
+
+POS_WEIGHT_SOURCES = ("train", "train+val")
+
+
+def _pos_weight_ok(value: str) -> bool:
+    if value in POS_WEIGHT_SOURCES:
+        return True
+    try:
+        return 0 < float(value) < float("inf")
+    except (TypeError, ValueError):
+        return False

@@ -78,6 +78,15 @@ def pos_weight_of(labels: Tensor) -> float:
     return n_neg / n_pos
 
 
+def pos_weight_for(source: str, train_labels: Tensor, val_labels: Tensor) -> float:
+    """The BCE pos_weight: n_neg/n_pos of the train labels, of train + val, or the number given."""
+    if source == "train":
+        return pos_weight_of(train_labels)
+    if source == "train+val":
+        return pos_weight_of(torch.cat([train_labels.cpu(), val_labels.cpu()]))
+    return float(source)
+
+
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A distinct 63-bit seed per (seed, epoch, stream), stable across runs and resumes."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -247,7 +256,7 @@ def _fit(learner: Learner, model_cfg: ModelConfig, cfg: TrainConfig, out: Path |
         raise ConfigError("no labelled videos to train on")
     if int((~torch.isnan(learner.val_labels)).sum()) == 0:
         raise ConfigError("no labelled val videos to select the epoch on")
-    pw = torch.tensor(pos_weight_of(learner.train_labels), device=device)
+    pw = torch.tensor(pos_weight_for(cfg.pos_weight, learner.train_labels, learner.val_labels), device=device)
     w = cfg.text_weight if model_cfg.has_text else 0.0
     alpha = cfg.alpha if model_cfg.has_text else 0.0
 

@@ -376,3 +376,18 @@ def test_run_config_records_the_ffn_width_and_parameter_counts(conflict_data, tm
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["model"]["ffn_hidden"] == 24 and r.model.ffn[1].out_features == 24
     assert cfg["parameters"] == {"heads": sum(p.numel() for p in r.model.parameters()), "encoder_blocks": 0}
+
+
+def test_pos_weight_readings_with_bah_label_counts():
+    """BAH: train 393 negative / 385 positive, val 49 / 75. The leak-free default is 1.021; the paper's ~0.96
+    is n_neg/n_pos over train + val (442/460)."""
+    from heads.config import TrainConfig
+    from heads.train import pos_weight_for
+
+    train = torch.tensor([0.0] * 393 + [1.0] * 385)
+    val = torch.tensor([0.0] * 49 + [1.0] * 75)
+    assert pos_weight_for("train", train, val) == pytest.approx(393 / 385)
+    assert round(pos_weight_for("train+val", train, val), 3) == 0.961
+    assert pos_weight_for("1.5", train, val) == 1.5
+    with pytest.raises(ConfigError, match="pos_weight"):
+        TrainConfig(pos_weight="val")
