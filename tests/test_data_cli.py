@@ -59,7 +59,7 @@ def test_problems_exit_1_and_each_is_listed(tree60, tmp_path):
     res = runner.invoke(app, ["data", "check", str(data), "--json"])
     assert res.exit_code == 1, res.output
     report = json.loads(res.stdout)
-    assert all(set(p) == {"video_id", "problem"} for p in report["problems"])
+    assert all(set(p) == {"video_id", "problem", "fatal"} for p in report["problems"])
     by_id = {p["video_id"]: p["problem"] for p in report["problems"]}
     assert "face folder not found" in by_id[train[0]["video_id"]]
     assert "empty file (0 bytes)" in by_id[train[1]["video_id"]]
@@ -102,3 +102,17 @@ def test_help_texts():
     assert res.exit_code == 0 and "--private-root" in res.stdout and "--json" in res.stdout
     res = runner.invoke(app, ["synth", "--help"])
     assert res.exit_code == 0 and "--videos" in res.stdout and "--seed" in res.stdout
+
+
+def test_notes_alone_exit_0_and_are_listed(tree60, tmp_path):
+    """Fewer face crops than mp4 frames (the organisers crop with OpenCV, one crop per decoded frame) is a
+    note: the video is read, and a tree whose only findings are notes is valid (exit 0)."""
+    out, result = tree60
+    data = copy_tree(out, tmp_path)
+    vid = next(v["video_id"] for v in result["videos"] if v["split"] == "train")
+    faces = sorted((data / "cropped-aligned-faces" / vid).glob("frame-*.jpg"), key=lambda p: int(p.stem[6:]))
+    faces[-1].unlink()                                           # the last crop is missing: one frame fewer
+    res = runner.invoke(app, ["data", "check", str(data), "--json"])
+    assert res.exit_code == 0, res.output
+    notes = [p for p in json.loads(res.stdout)["problems"] if p["video_id"] == vid]
+    assert notes and all(not p["fatal"] for p in notes) and "face frames but the mp4 has" in notes[0]["problem"]
