@@ -5,6 +5,7 @@ refused), and the preprocessing resolved from the models' own processors and rec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import socket
 from contextlib import contextmanager
@@ -76,6 +77,7 @@ def hub_access(model_id: str, modality: str, kw: dict[str, Any]) -> dict[str, An
     return {}
 
 
+@functools.lru_cache(maxsize=None)    # once per process: every preprocessor and model load asks again
 def _reachable(url: str) -> bool:
     parts = urlsplit(url)
     try:

@@ -25,7 +25,7 @@ from extract.vocab import LAST, MODALITIES, PREFIX
 from heads.data import SplitData
 from heads.metrics import bah_metrics
 from heads.model import blend
-from heads.run_files import RunError
+from heads.run_files import RunError, unit_interval
 from heads.runs import Run
 from heads.topblocks import cache_prefix_problem, data_has_prefix
 
@@ -153,14 +153,6 @@ def run_window_logits(run: Run, data: SplitData, windows: int | None = None, bat
                                        batch_size=batch_size, amp=cfg.amp)
     return window_logits(run.model, data, windows=windows, modalities=run.model_config.present,
                          layer=cfg.input_layer, text_source=cfg.text_source, batch_size=batch_size, amp=cfg.amp)
-
-
-def unit_interval(name: str, value: float) -> float:
-    """An alpha or a threshold: a finite number in [0, 1] (NaN >= t is always False: every video would be
-    scored 'no A/H' without a word)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise RunError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 def _no_prefix(run: Run, what: str) -> RunError:

@@ -197,3 +197,12 @@ def is_run_folder(path: Path) -> bool:
         return read_config(path) is not None
     except (RunError, FileNotFoundError):
         return False
+
+
+def unit_interval(name: str, value: Any, where: Path | None = None) -> float:
+    """An alpha or a threshold: a finite number in [0, 1] (NaN >= t is always False: every video would be
+    scored 'no A/H' without a word); one line naming `where` it came from otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise RunError(f"{where}: {name} must be a number in [0, 1], got {value!r}" if where else
+                       f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)

@@ -14,7 +14,7 @@ from extract.store import CacheReader
 from heads.config import ConfigError, ModelConfig, TrainConfig
 from heads.model import ConflictAwareModel
 from heads.run_files import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunError, check_fingerprint, load_tensors,
-                             load_weights, read_config, read_metrics)
+                             load_weights, read_config, read_metrics, unit_interval)
 from heads.topblocks import (TOPS_FILE, TopBlocksHeads, cache_prefix_problem, head_model_of, load_tops,
                              tops_from_configs, tops_of)
 
@@ -72,8 +72,9 @@ def load_run(run_dir: str | Path, cache: CacheReader | None = None, device: str 
     fp = expect_fingerprint if expect_fingerprint is not None else (cache.fingerprint if cache else None)
     check_fingerprint(run_dir, cache_info.get("fingerprint"), fp)
     metrics = read_metrics(run_dir)
-    threshold, alpha = _unit_value(metrics, "threshold", None, run_dir), _unit_value(metrics, "alpha", train_cfg.alpha,
-                                                                                   run_dir)
+    where = run_dir / METRICS_FILE
+    threshold = unit_interval("threshold", metrics.get("threshold"), where)
+    alpha = unit_interval("alpha", metrics.get("alpha", train_cfg.alpha), where)
     weights_path = run_dir / MODEL_FILE
     if not weights_path.is_file():
         raise RunError(f"{run_dir}: {MODEL_FILE} missing")
@@ -88,14 +89,6 @@ def load_run(run_dir: str | Path, cache: CacheReader | None = None, device: str 
             run.prefix_cached = cache_prefix_problem(cache.spec, train_cfg.unfreeze_top) is None
     run.model.to(device).eval()
     return run
-
-
-def _unit_value(metrics: dict[str, Any], key: str, default: float | None, run_dir: Path) -> float:
-    """A probability-scale number of metrics.json (threshold, alpha): finite and in [0, 1], or one line."""
-    value = metrics.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise RunError(f"{run_dir / METRICS_FILE}: {key} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 def _check_shapes(model_cfg: ModelConfig, weights_path: Path) -> None:
