@@ -17,6 +17,7 @@ from ahbench.models import IMAGENET_MEAN, IMAGENET_STD, write_full_size_encoders
 from extract.encoders import audio_segment_lengths
 from extract.run import ExtractOptions, extract
 from extract.spec import ExtractionSpec, load_spec
+from extract.store import CacheReader
 from extract.synth import write_synthetic_bah
 from extract.vocab import MODALITIES
 
@@ -81,6 +82,9 @@ def bench_extraction(device: str, videos: int, workers: int, batch_size: int = 1
         t = time.perf_counter()
         summary = extract(tmp / "synth" / "data", tmp / "cache", spec, opts, encoders=encoders)
         wall = time.perf_counter() - t
+        reader = CacheReader(tmp / "cache")
+        cache_bytes = sum(reader.array_nbytes(v, reader.array_names(v)) for v in reader.video_ids())
+        frames = reader.spec["windows"]["frames"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
@@ -92,4 +96,23 @@ def bench_extraction(device: str, videos: int, workers: int, batch_size: int = 1
         "clips_per_s": summary.clips_per_s,
         "workers": workers,
         "phases_s": dict(summary.phases),
+        "cache_bytes": cache_bytes,               # array bytes written (declared shapes): the write bound's input
+        "frames_per_clip": frames,
     }
+
+
+def host_vs_bound(host: dict, decode: dict, cache: dict, backend: str = "zarr") -> dict:
+    """The host side's clips/s against the slower of its two bounds: face JPEG decoding at the measured
+    per-worker rate times the workers, and writing the clips' bytes at the measured cache write rate (as
+    extraction writes: its writer threads in flight; `backend` is the spec's)."""
+    workers = max(host["workers"], 1)
+    decode_bound = decode["face_jpegs_per_s_per_worker"] * workers / host["frames_per_clip"]
+    bytes_per_clip = host["cache_bytes"] / host["clips"]
+    write_bound = cache[backend]["write_GBps"] * 1e9 / bytes_per_clip
+    bound = min(decode_bound, write_bound)
+    return {"ratio": host["clips_per_s"] / bound, "host_clips_per_s": host["clips_per_s"],
+            "decode_bound_clips_per_s": decode_bound, "write_bound_clips_per_s": write_bound,
+            "bound": "face decoding" if decode_bound <= write_bound else "cache writes",
+            "workers": workers, "bytes_per_clip": bytes_per_clip, "backend": backend,
+            "write_GBps": cache[backend]["write_GBps"],
+            "face_jpegs_per_s_per_worker": decode["face_jpegs_per_s_per_worker"]}

@@ -1,14 +1,22 @@
 """Head-training epoch at BAH scale: fused pooling vs literal pooling vs running the encoders every step."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from extract.cache_writer import CacheWriter
+from extract.record import VideoRecord
+from extract.spec import ExtractionSpec, WindowSpec
+
 from heads.config import ModelConfig, TrainConfig
-from heads.data import SplitData
+from heads.split_data import SplitData
 from heads.tokens import Ragged
 from heads.train import train_heads
 
@@ -120,3 +128,77 @@ def bench_full_run(device: str) -> dict:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def write_token_cache(path: Path, sizes: dict[str, int], windows: dict[str, int], seed: int = 0,
+                      zeros: bool = False) -> Path:
+    """A cache of random fp16 tokens at the full-size shapes (LV, LA, LT x DIM), `windows[split]` windows per
+    video, written by the real cache writer (checksums and all), alternating labels. `zeros`: zero tokens,
+    compressed (a cache of any size in little disk, e.g. 3x BAH: its memory use is what is measured)."""
+    rng = np.random.default_rng(seed)
+    spec = ExtractionSpec(windows=WindowSpec(frames=16, train=windows["train"], eval=windows["val"]), compress=zeros)
+    writer = CacheWriter(path, spec, provenance={"bench": True})
+
+    def tokens(*shape: int) -> np.ndarray:
+        if zeros:
+            return np.zeros(shape, dtype=np.float16)
+        return rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
+
+    for split, n in sizes.items():
+        w = windows[split]
+        for i in range(n):
+            tw = np.full(w, LT // w, dtype=np.int64)
+            writer.write(VideoRecord(
+                video_id=f"Videos/{10000 + i}/Visite_1/bench_{split}_{i}.mp4", split=split, label=i % 2,
+                pid=str(10000 + i), question=1, fps=25.0, frame_count=100 * w, duration=4.0 * w,
+                window_starts=list(range(0, 16 * w, 16)), padded=False,
+                arrays={"video/last": tokens(w, LV, DIM), "audio/last": tokens(LA, DIM), "text/last": tokens(LT, DIM),
+                        "text_window/last": tokens(int(tw.sum()), DIM), "text_window_lengths": tw}))
+    writer.seal()
+    return path
+
+
+def train_memory_probe(cache: Path, *args: str) -> dict:
+    """ahbench.train_memory in a child process: its peak RSS is that training's alone."""
+    cmd = [sys.executable, "-m", "ahbench.train_memory", str(cache), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_stream(quick: bool) -> dict:
+    """Streamed vs in-memory `train-heads` (CPU, paper-default model) over one cache of full-size token shapes:
+    the peak RSS of a streamed run in a process of its own, and the epoch time of each path timed side by side
+    (one process holding both, alternating 2-epoch runs, the least 2nd epoch of each; the page cache is warm),
+    with whether both paths gave the same history. Small splits, so the in-memory copy fits beside other work;
+    BAH-scale numbers come from `python -m ahbench.train_memory` over `python -m ahbench.bah_sized_cache`."""
+    sizes = {"train": 48, "val": 10} if quick else {"train": 160, "val": 26}
+    windows = {"train": 2 if quick else 8, "val": 5}
+    with tempfile.TemporaryDirectory(prefix="ahbench-stream-") as tmp:
+        cache = write_token_cache(Path(tmp) / "cache", sizes, windows)
+        cache_bytes = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+        stream = train_memory_probe(cache, "--stream", "--epochs", "2")
+        side = train_memory_probe(cache, "--compare", "3" if quick else "4")
+    return {
+        "stream_peak_rss_gb": stream["peak_rss_gb"],
+        "stream_epoch_vs_memory": side["stream_epoch_vs_memory"],
+        "stream_epoch_s": side["stream_epoch_s"], "memory_epoch_s": side["memory_epoch_s"],
+        "identical_history": side["identical_history"], "stream_check_s": stream["load_s"],
+        "stream_train_videos": sizes["train"], "stream_val_videos": sizes["val"],
+        "stream_train_windows": windows["train"], "stream_val_windows": windows["val"],
+        "stream_cache_gb": cache_bytes / 1e9,
+    }
+
+
+def stream_goal_rows(r: dict) -> list[tuple[str, str, str]]:
+    """(goal, measured, met?) of streamed training for BENCHMARKS.md, from the `heads` section's stream keys."""
+    h = r.get("heads") or {}
+    ratio, rss = h.get("stream_epoch_vs_memory"), h.get("stream_peak_rss_gb")
+    if ratio is None or rss is None:
+        return []
+    same = h.get("identical_history")
+    measured = (f"{ratio:.2f}x ({h['stream_epoch_s']:.2f} s vs {h['memory_epoch_s']:.2f} s per epoch, side by side), "
+                f"history {'identical' if same else 'DIFFERENT'}; peak RSS streamed {rss:.2f} GB "
+                f"({h['stream_train_videos']} train x {h['stream_train_windows']} windows, {h['stream_val_videos']} "
+                f"val x {h['stream_val_windows']}, cache {h['stream_cache_gb']:.2f} GB)")
+    return [("train-heads streamed: epoch <= 1.25x the in-memory epoch (warm page cache), same metrics",
+             measured, "yes" if ratio <= 1.25 and same else "no")]

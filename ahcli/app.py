@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from importlib import metadata
 
 import typer
@@ -11,7 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from ahcli import cmd_bench, cmd_data, cmd_demo, cmd_ensemble, cmd_extract, cmd_finetune, cmd_heads, cmd_report
-from ahcli.session import DEBUG_ENV, UNEXPECTED, failure_line, last_failure
+from ahcli import cmd_sweep
+from ahcli.session import DEBUG_ENV, UNEXPECTED, active, failure_line, last_failure
 from extract.errors import AHError
 from extract.stopping import Interrupted
 
@@ -49,11 +51,24 @@ def root(
     tokens once into a cache; stage 2 trains the heads over it in seconds."""
 
 
-for module in (cmd_data, cmd_extract, cmd_heads, cmd_ensemble, cmd_finetune, cmd_report, cmd_demo, cmd_bench):
+for module in (cmd_data, cmd_extract, cmd_heads, cmd_ensemble, cmd_finetune, cmd_report, cmd_demo, cmd_bench,
+               cmd_sweep):
     module.register(app)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (e.g. a threshold tuned on one class) as one yellow `warning:` line on stderr, logged
+    by the running command's session; never a file:line dump, never on stdout (which may carry --json)."""
+    text = f"warning: {message}"
+    run = active()
+    if run is not None:
+        run.say(text, style="yellow")
+    else:
+        Console(stderr=True).print(escape(text), style="yellow", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     caught = (AHError, Interrupted, KeyboardInterrupt, OSError) + (() if os.environ.get(DEBUG_ENV) else UNEXPECTED)
     try:
         app()

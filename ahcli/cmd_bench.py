@@ -1,7 +1,6 @@
 """`ahcli bench`: the performance goals, measured on this machine, written to BENCHMARKS.md."""
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from rich.markup import escape
 from ahbench.run import render_markdown, run_bench, save
 from ahcli.session import OPT_LOG_EVERY, Heartbeat, duration
 from extract.devices import resolve_device
+from extract.files import json_text
 
 console = Console(stderr=True)
 
@@ -52,7 +52,7 @@ def bench(
     path = save(results, results_dir)
     console.print(f"results: {path}; report: {markdown}")
     if as_json:
-        print(json.dumps(results, indent=2, sort_keys=True))
+        print(json_text(results, indent=2, sort_keys=True))
 
 
 def register(app: typer.Typer) -> None:

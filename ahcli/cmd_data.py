@@ -1,7 +1,6 @@
 """`ahcli synth OUT` (synthetic BAH tree) and `ahcli data check ROOT` (validate a BAH tree)."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -11,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from extract.bah import PRIVATE_SUBDIR, read_bah
+from extract.files import json_text
 from extract.synth import write_synthetic_bah
 from extract.vocab import SPLITS
 
@@ -82,7 +82,7 @@ def check(
     face crops than mp4 frames, are listed but do not fail), 1 when a video would be left out, 2 not a BAH tree."""
     report = check_report(root, private_root, allow_symlinks)
     if as_json:
-        typer.echo(json.dumps({"splits": report["splits"], "problems": report["problems"]}))
+        typer.echo(json_text({"splits": report["splits"], "problems": report["problems"]}))
     else:
         _print_table(Console(), report)
     raise typer.Exit(1 if any(report["fatal"]) else 0)
@@ -111,7 +111,7 @@ def synth(
         task = bar.add_task("videos", total=total)
         result = write_synthetic_bah(out, videos, seed, private, on_video=lambda _vid: bar.advance(task))
     if as_json:
-        typer.echo(json.dumps(result["splits"]))
+        typer.echo(json_text(result["splits"]))
     else:
         counts = ", ".join(f"{k} {v['videos']}" for k, v in result["splits"].items())
         console.print(f"wrote {result['root']} ({counts}; video codec {result['codec']})", highlight=False)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import typer
@@ -10,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ahflows.demo import SYNTHETIC_NOTE, DemoOptions, run_demo
+from extract.files import json_text
 
 
 def register(app: typer.Typer) -> None:
@@ -41,7 +41,7 @@ def demo_cmd(
                        device=device, threads=threads)
     res = run_demo(out, opts, console)
     if json_out:
-        typer.echo(json.dumps({"rows": [dataclasses.asdict(r) for r in res.rows], "margin": res.margin,
+        typer.echo(json_text({"rows": [dataclasses.asdict(r) for r in res.rows], "margin": res.margin,
                                "full_ahead": res.full_ahead, "summary": str(res.out / "README.md"),
                                "reports": [str(p) for p in res.reports], "timings_s": res.timings}))
         return

@@ -12,10 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from ahcli.session import OPT_LOG_EVERY, Session, command_line
+from extract.bah import read_bah
+from extract.files import json_text
+from extract.inputs import stale_units
 from extract.run import ExtractOptions, extract, phase_report
 from extract.store import CacheReader
 from extract.tiny_encoders import write_tiny_encoders
-from extract.vocab import check_split
+from extract.vocab import SPLITS, check_split
 
 console = Console()
 err = Console(stderr=True)
@@ -32,7 +35,7 @@ def encoders_tiny(
     """Write small random-initialised VideoMAE, HuBERT and RoBERTa models in HF format, plus a spec using them."""
     spec = write_tiny_encoders(out, seed=seed)
     if json_out:
-        typer.echo(json.dumps({"folder": str(out), "spec": str(spec)}))
+        typer.echo(json_text({"folder": str(out), "spec": str(spec)}))
         return
     console.print(f"wrote tiny encoders to {out} (spec: {spec})")
 
@@ -43,6 +46,9 @@ def extract_cmd(
     spec: Path = typer.Option(Path("cache_spec.yaml"), "--spec", help="Extraction spec (encoders, windows, layers, backend)."),
     splits: str = typer.Option("train,val,test,private", help="Comma-separated splits to extract."),
     device: str = typer.Option("auto", help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."),
+    precision: str = typer.Option(
+        "auto", "--precision", help="Encoder forwards: auto (bf16 autocast on CUDA, fp32 on the CPU: the default), "
+        "bf16, fp16 or fp32; bf16/fp16 need CUDA (refused on the CPU). Recorded in the manifest's provenance."),
     batch_size: int = typer.Option(16, help="Clips per video-encoder forward pass (a video's windows are split into batches of this size)."),
     workers: int = typer.Option(2, help="DataLoader worker processes decoding frames and audio (0: decode in the main process)."),
     force: bool = typer.Option(False, help="Wipe an existing cache made with a different spec and start over."),
@@ -69,7 +75,8 @@ def extract_cmd(
     for name in names:
         check_split(name)
     opts = ExtractOptions(splits=names, device=device, batch_size=batch_size, workers=workers, force=force,
-                          repair=repair, private_root=private_root, allow_symlinks=allow_symlinks, progress=progress)
+                          repair=repair, private_root=private_root, allow_symlinks=allow_symlinks, progress=progress,
+                          precision=precision)
     rank = int(os.environ.get("RANK", "0"))
     with Session("extract", log_every, err) as run:
         opts.progress = progress and run.live
@@ -103,7 +110,7 @@ def extract_cmd(
         for video_id, message in sorted(summary.failed.items()):
             run.say(f"  failed {video_id}: {message}", console=out)
         if json_out:
-            typer.echo(json.dumps(summary.to_json()))
+            typer.echo(json_text(summary.to_json()))
     if summary.failed:
         raise typer.Exit(1)
 
@@ -116,7 +123,7 @@ def cache_info(
     """Counts per split, fingerprint, sizes, completeness and a digest over all stored content."""
     info = CacheReader(cache).info()
     if as_json:
-        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+        print(json_text(info, indent=2, sort_keys=True))
         return
     table = Table(title=f"cache {cache}")
     table.add_column("key")
@@ -132,11 +139,18 @@ def cache_info(
 def cache_verify(
     cache: Path = typer.Argument(..., help="Cache folder."),
     as_json: bool = typer.Option(False, "--json", help="Print {\"ok\", \"problems\": [{video_id, problem}]} on stdout."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="BAH root the cache was extracted from: also report videos whose media, transcript, "
+        "split or label changed since extraction (`ahcli extract` again brings them up to date)."),
 ) -> None:
     """Check every video: complete, checksums, shapes/dtypes/lengths consistent, no NaN/Inf. Exit 1 naming each bad video."""
-    problems = CacheReader(cache).verify()
+    reader = CacheReader(cache)
+    problems = reader.verify()
+    if data is not None:
+        splits = [s for s in SPLITS if reader.video_ids(s)]
+        problems += stale_units(reader, read_bah(data, splits=splits))
     if as_json:
-        typer.echo(json.dumps({"cache": str(cache), "ok": not problems, "problems": problems}))
+        typer.echo(json_text({"cache": str(cache), "ok": not problems, "problems": problems}))
         raise typer.Exit(1 if problems else 0)
     for p in problems:
         console.print(f"[red]bad[/] {p['video_id']}: {p['problem']}", highlight=False, soft_wrap=True)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from ahcli.options import (OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CHECKPOINT_EVERY, OPT_DEVICE, OPT_DIM,
+from ahcli.options import (OPT_ACCUM, OPT_ALPHA, OPT_AMP, OPT_PRECISION, OPT_BATCH_SIZE, OPT_CHECKPOINT_EVERY, OPT_DEVICE, OPT_DIM,
                            OPT_ENCODER_LR_SCALE, OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT, OPT_FFN_HIDDEN,
                            OPT_HEAD_DROPOUT, OPT_HEAD_HIDDEN, OPT_JSON, OPT_LABEL_SMOOTHING, OPT_LR, OPT_LR_MIN,
                            OPT_MODALITIES, OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_POS_WEIGHT, OPT_RESUME,
@@ -64,6 +64,7 @@ def finetune_cmd(
     encoder_lr_scale: float = OPT_ENCODER_LR_SCALE,
     device: str = OPT_DEVICE,
     amp: bool = OPT_AMP,
+    precision: str = OPT_PRECISION,
     resume: bool = OPT_RESUME,
     checkpoint_every: float = OPT_CHECKPOINT_EVERY,
     json_out: bool = OPT_JSON,
@@ -78,7 +79,7 @@ def finetune_cmd(
                        batch_size=batch_size, accum=accum, text_weight=text_weight, label_smoothing=label_smoothing,
                        alpha=alpha, eval_windows=eval_windows, text_source=text_source, amp=amp, device=device,
                        unfreeze_top=unfreeze_top, encoder_lr_scale=encoder_lr_scale,
-                       checkpoint_seconds=checkpoint_every, pos_weight=pos_weight)
+                       checkpoint_seconds=checkpoint_every, pos_weight=pos_weight, precision=precision)
     opts = model_options(modalities=modalities, no_conflict=no_conflict, dim=dim, head_hidden=head_hidden,
                          head_dropout=head_dropout, ffn_dropout=ffn_dropout, pooling=pooling, ffn_hidden=ffn_hidden)
     check_out_folder(out, resume)

@@ -5,13 +5,12 @@ one help text per option, the same names on both commands.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ahcli.options import (OPT_ACCUM, OPT_ALLOW_PARTIAL, OPT_ALPHA, OPT_AMP, OPT_BATCH_SIZE, OPT_CHECKPOINT_EVERY,
+from ahcli.options import (OPT_ACCUM, OPT_ALLOW_PARTIAL, OPT_ALPHA, OPT_AMP, OPT_PRECISION, OPT_BATCH_SIZE, OPT_CHECKPOINT_EVERY,
                            OPT_DEVICE, OPT_DIM, OPT_ENCODER_LR_SCALE, OPT_EPOCHS, OPT_EVAL_WINDOWS, OPT_FFN_DROPOUT,
                            OPT_FFN_HIDDEN, OPT_HEAD_DROPOUT, OPT_HEAD_HIDDEN, OPT_JSON, OPT_LABEL_SMOOTHING, OPT_LR,
                            OPT_LR_MIN, OPT_MODALITIES, OPT_NO_CONFLICT, OPT_PATIENCE, OPT_POOLING, OPT_POS_WEIGHT,
@@ -23,15 +22,17 @@ from ahflows.checkpoint_a import train_from_cache
 from ahflows.epoch_scalars import EpochScalars
 from ahflows.raw_media import load_run_with_media
 from extract.devices import resolve_device
+from extract.files import json_text
 from extract.listing import require_complete, split_coverage
 from extract.locks import folder_lock
 from extract.store import CacheReader
 from extract.vocab import TRAIN_SPLITS, check_split, parse_modalities
 from heads.config import ModelConfig
-from heads.data import load_split
 from heads.infer import evaluate_split, layers_needed, require_inputs
 from heads.resume import check_out_folder
 from heads.run_files import RunError, cache_record
+from heads.uncertainty import participant_ids
+from heads.stream import open_split, should_stream
 from heads.topblocks import cache_prefix_problem
 
 TRAIN_LOG = "train.log"
@@ -45,17 +46,18 @@ def register(app: typer.Typer) -> None:
 
 
 def _load(reader, split: str, modalities, text_window: bool, device: str, progress, layers=("last",),
-          run: Session | None = None):
-    task = progress.add_task(f"loading {split}", total=None)
-    ticker = run.ticker(f"loading {split}", "videos") if run is not None else None
+          run: Session | None = None, stream: bool = False):
+    what = f"checking {split} (streamed)" if stream else f"loading {split}"
+    task = progress.add_task(what, total=None)
+    ticker = run.ticker(what, "videos") if run is not None else None
 
     def step(i: int, n: int) -> None:
         progress.update(task, completed=i, total=n)
         if ticker is not None:
             ticker.update(i, n, force=i == n)
 
-    data = load_split(reader, split, layers=layers, device=device, modalities=modalities, text_window=text_window,
-                      progress=step)
+    data = open_split(reader, split, layers=layers, device=device, modalities=modalities, text_window=text_window,
+                      progress=step, stream=stream)
     progress.remove_task(task)
     return data
 
@@ -95,12 +97,17 @@ def train_heads_cmd(
     encoder_lr_scale: float = OPT_ENCODER_LR_SCALE,
     device: str = OPT_DEVICE,
     amp: bool = OPT_AMP,
+    precision: str = OPT_PRECISION,
     resume: bool = OPT_RESUME,
     checkpoint_every: float = OPT_CHECKPOINT_EVERY,
     json_out: bool = OPT_JSON,
     stop_after: int = OPT_STOP_AFTER,
     tensorboard: bool = OPT_TENSORBOARD,
     log_every: float = OPT_LOG_EVERY,
+    stream: Optional[bool] = typer.Option(
+        None, "--stream/--in-memory", help="Read the train and val splits from the cache as each epoch needs them "
+        "(memory stays a few batches, whatever the cache's size; every video is verified once first) instead of "
+        "holding them in memory. Default: in memory when both fit in the available memory, else streamed."),
 ) -> None:
     """Train the attention-pooling, conflict-fusion and text heads over a cache (paper protocol); with
     --unfreeze-top N also the top N blocks of each encoder, from the cached 'prefix' states."""
@@ -110,7 +117,7 @@ def train_heads_cmd(
                        batch_size=batch_size, accum=accum, text_weight=text_weight, label_smoothing=label_smoothing,
                        alpha=alpha, eval_windows=eval_windows, text_source=text_source, amp=amp, device=device,
                        unfreeze_top=unfreeze_top, encoder_lr_scale=encoder_lr_scale,
-                       checkpoint_seconds=checkpoint_every, pos_weight=pos_weight)
+                       checkpoint_seconds=checkpoint_every, pos_weight=pos_weight, precision=precision)
     check_out_folder(out, resume)          # before the (possibly long) load
     reader = CacheReader(cache)
     if unfreeze_top:
@@ -124,14 +131,18 @@ def train_heads_cmd(
         covs = [split_coverage(reader, s) for s in TRAIN_SPLITS]
         warn_partial(run, covs, cache)
         want_window = text_source is TextSource.window and "text" in mods
+        if stream is None:
+            stream = should_stream(reader, ("train", "val"), (cfg.input_layer,), modalities=mods,
+                                   text_window=want_window)
         with progress_bar() as progress:
-            train = _load(reader, "train", mods, want_window, device, progress, (cfg.input_layer,), run)
-            val = _load(reader, "val", mods, want_window, device, progress, (cfg.input_layer,), run)
+            train = _load(reader, "train", mods, want_window, device, progress, (cfg.input_layer,), run, stream)
+            val = _load(reader, "val", mods, want_window, device, progress, (cfg.input_layer,), run, stream)
         model_cfg = ModelConfig(input_dims=train.dims(cfg.input_layer), **model_options(
             modalities=modalities, no_conflict=no_conflict, dim=dim, head_hidden=head_hidden,
             head_dropout=head_dropout, ffn_dropout=ffn_dropout, pooling=pooling, ffn_hidden=ffn_hidden))
         top = f", top {unfreeze_top} encoder blocks unfrozen" if unfreeze_top else ""
-        run.say(f"train {len(train)} videos, val {len(val)} videos on {train.device}; "
+        run.say(f"train {len(train)} videos, val {len(val)} videos "
+                f"{'streamed from the cache' if stream else 'on ' + str(train.device)}; "
                 f"modalities {model_cfg.modalities}, conflict {'on' if model_cfg.conflict else 'off'}{top}")
         try:
             result = train_with_progress(train_from_cache, run, scalars, train=train, val=val, model_cfg=model_cfg,
@@ -177,10 +188,11 @@ def evaluate_cmd(
     if not layers:
         console.print(f"{run}: running its fine-tuned encoders on the raw media of {data} (the cache has no "
                       "'prefix' states)", style="dim")
-    res = evaluate_split(r, loaded, windows=windows, alpha=alpha, threshold=threshold, device=dev)
+    res = evaluate_split(r, loaded, windows=windows, alpha=alpha, threshold=threshold, device=dev,
+                         groups=participant_ids(reader, loaded.video_ids))
     res |= {"listed": len(cov.listed), "missing": cov.missing}
     if json_out:
-        typer.echo(json.dumps(res))
+        typer.echo(json_text(res))
         return
     if res["metrics"] is None:
         console.print(f"{split}: {res['videos']}/{len(cov.listed)} listed videos, none labelled: no metrics (use "
@@ -188,6 +200,8 @@ def evaluate_cmd(
         return
     metrics_table(f"{split}: {res['videos']}/{len(cov.listed)} listed videos"
                   f"{' (PARTIAL: --allow-partial)' if cov.partial else ''}, {res['windows']} window(s), alpha {res['alpha']}, "
-                   f"threshold {res['threshold']:.2f}", res["metrics"])
+                   f"threshold {res['threshold']:.2f}"
+                   + (f", calibrated (T = {res['temperature']:.3f})" if res.get("temperature") else ""),
+                   res["metrics"], res.get("intervals"))
 
 

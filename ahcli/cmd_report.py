@@ -1,7 +1,6 @@
 """`ahcli report`, `ahcli explain`, `ahcli predict`: looking at results (wiring only; the work is in heads/)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,7 +11,9 @@ from rich.table import Table
 from ahcli.options import OPT_ALLOW_PARTIAL, console
 from ahflows.explain import explain_video
 from ahflows.predict import predict_recording
+from ahflows.plots import DPI, FORMATS, Figures
 from ahflows.report import write_report
+from extract.files import json_text
 
 out = Console()
 
@@ -29,20 +30,29 @@ def report_cmd(
     windows: int = typer.Option(5, help="Cached eval windows averaged per video when a run is scored."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     allow_partial: bool = OPT_ALLOW_PARTIAL,
-    json_out: bool = typer.Option(False, "--json", help="Print {kind, report, images, notes} as one JSON object on stdout."),
+    formats: str = typer.Option(
+        ",".join(FORMATS), "--format", help="Comma list of figure formats among png, pdf, svg; report.md shows the "
+        "first. Default: PNG plus vector PDF and SVG."),
+    dpi: int = typer.Option(DPI, "--dpi", help="Resolution of raster figures (PNG) in dots per inch."),
+    json_out: bool = typer.Option(False, "--json", help="Print {kind, report, images, files, notes} as one JSON object on stdout."),
 ) -> None:
-    """Write PNG plots and report.md into FOLDER: training curves, Macro F1 against the threshold on val,
-    confusion matrices (val, test), precision-recall curves; bar charts for an ablation. A run still training
-    or interrupted gets its curves and best epoch so far (from history.csv, written every epoch)."""
+    """Write plots and report.md into FOLDER: training curves, Macro F1 against the threshold on val,
+    confusion matrices (val, test; row-normalised as in metrics.json), the organisers' precision-recall
+    curves; bar charts for an ablation (no error bars for one seed). Every figure as PNG, PDF and SVG unless
+    --format says otherwise. A run still training or interrupted gets its curves and best epoch so far (from
+    history.csv, written every epoch)."""
+    figures = Figures.parse(formats, dpi)
     with console.status(f"writing the report of {folder}"):
-        res = write_report(folder, cache=cache, windows=windows, device=device, allow_partial=allow_partial)
+        res = write_report(folder, cache=cache, windows=windows, device=device, allow_partial=allow_partial,
+                           figures=figures)
     if json_out:
-        typer.echo(json.dumps({"kind": res.kind, "report": str(res.report), "images": [str(p) for p in res.images],
-                               "notes": res.notes}))
+        typer.echo(json_text({"kind": res.kind, "report": str(res.report), "images": [str(p) for p in res.images],
+                              "files": [str(p) for p in res.files], "notes": res.notes}))
         return
     for note in res.notes:
         console.print(f"[yellow]note[/] {note}", highlight=False, soft_wrap=True)
-    console.print(f"{res.kind} report: {res.report} ({len(res.images)} PNG plots)")
+    console.print(f"{res.kind} report: {res.report} ({len(res.images)} figures as "
+                  f"{', '.join(f.upper() for f in figures.formats)})")
 
 
 def explain_cmd(

@@ -3,7 +3,6 @@ the same names on both), the console, progress bars and the per-epoch lines."""
 from __future__ import annotations
 
 import inspect
-import json
 from enum import Enum
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ahcli.session import Session, command_line
+from extract.files import json_text
 from heads.config import TrainConfig
 from heads.train_state import TrainingStopped
 
@@ -60,6 +60,10 @@ OPT_ENCODER_LR_SCALE = typer.Option(
     0.1, help="Learning rate of the unfrozen encoder blocks = --lr x this (paper: 3e-6 for 3e-5).")
 OPT_DEVICE = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
 OPT_AMP = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA (the CPU never uses it).")
+OPT_PRECISION = typer.Option(
+    "auto", "--precision", help="auto (bf16 on CUDA, fp32 on the CPU: today's default), bf16, fp16 (with a "
+    "gradient scaler; the paper's choice) or fp32. bf16/fp16 need CUDA: refused on the CPU. Recorded in "
+    "config.json; overrides --amp/--no-amp.")
 OPT_RESUME = typer.Option(False, "--resume", help="Continue the interrupted run in OUT (or start it when there is none).")
 OPT_JSON = typer.Option(False, "--json", help="Print the final metrics.json on stdout.")
 OPT_STOP_AFTER = typer.Option(0, "--stop-after", hidden=True, help="Stop after this epoch's checkpoint (testing).")
@@ -93,13 +97,13 @@ OPT_CHECKPOINT_EVERY = typer.Option(
 
 def train_config(*, seed, epochs, patience, lr, lr_min, weight_decay, batch_size, accum, text_weight,
                  label_smoothing, alpha, eval_windows, text_source, amp, device, unfreeze_top=0,
-                 encoder_lr_scale=0.1, checkpoint_seconds=60.0, pos_weight="train"):
+                 encoder_lr_scale=0.1, checkpoint_seconds=60.0, pos_weight="train", precision="auto"):
     return TrainConfig(seed=seed, epochs=epochs, patience=patience, lr=lr, lr_min=min(lr_min, lr),
                        weight_decay=weight_decay, batch_size=batch_size, accum=accum, text_weight=text_weight,
                        label_smoothing=label_smoothing, alpha=alpha, eval_windows=eval_windows,
                        text_source=TextSource(text_source).value, amp=amp, device=device,
                        unfreeze_top=unfreeze_top, encoder_lr_scale=encoder_lr_scale,
-                       checkpoint_seconds=checkpoint_seconds, pos_weight=pos_weight)
+                       checkpoint_seconds=checkpoint_seconds, pos_weight=pos_weight, precision=precision)
 
 
 def model_options(*, modalities, no_conflict, dim, head_hidden, head_dropout, ffn_dropout, pooling,
@@ -154,9 +158,10 @@ def report_result(result, out: Path, json_out: bool, run: Session) -> None:
         raise typer.Exit(0)
     record = result.metrics_record()
     if json_out:
-        typer.echo(json.dumps(record))
+        typer.echo(json_text(record))
     else:
-        metrics_table(f"best epoch {result.best_epoch} (val, threshold {result.threshold:.2f})", result.val_metrics)
+        metrics_table(f"best epoch {result.best_epoch} (val, threshold {result.threshold:.2f})", result.val_metrics,
+                      (result.intervals or {}).get("val"))
         run.say(f"run written to {out}")
 
 
@@ -168,11 +173,19 @@ def warn_partial(run: Session, covs, where) -> None:
                     f"({len(cov.missing)} missing, e.g. {cov.missing[0]})", style="yellow")
 
 
-def metrics_table(title: str, m: dict) -> None:
+def metrics_table(title: str, m: dict, intervals: dict | None = None) -> None:
+    """The BAH metrics; with `intervals` (heads.uncertainty.bootstrap_intervals) a row of 95% intervals."""
     table = Table(title=title)
     for col in ("Macro F1", "F1-AH", "F1-NoAH", "weighted F1", "accuracy", "AP"):
         table.add_column(col, justify="right")
     ap = "-" if m.get("ap") is None else f"{m['ap']:.4f}"
     table.add_row(f"{m['macro_f1']:.4f}", f"{m['f1_ah']:.4f}", f"{m['f1_noah']:.4f}", f"{m['weighted_f1']:.4f}",
                   f"{m['accuracy']:.4f}", ap)
+    if intervals:
+        def ci(k: str) -> str:
+            iv = intervals.get(k) or {}
+            return "-" if iv.get("low") is None else f"[{iv['low']:.3f}, {iv['high']:.3f}]"
+        table.add_row(ci("macro_f1"), ci("f1_ah"), ci("f1_noah"), "", "", ci("ap"))
+        table.caption = (f"95% intervals: {intervals.get('unit', 'participant')} bootstrap, "
+                         f"{intervals.get('resamples')} resamples of {intervals.get('participants')}")
     Console().print(table)

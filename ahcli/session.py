@@ -72,7 +72,7 @@ def failure_line(exc: BaseException) -> tuple[str, int] | None:
 
 
 # Programming-level failures that escape a command: one line at the CLI (the traceback with AH_DEBUG=1).
-UNEXPECTED = (ValueError, TypeError, KeyError, IndexError, RuntimeError)
+UNEXPECTED = (ValueError, TypeError, LookupError, AttributeError, ArithmeticError, RuntimeError)
 DEBUG_ENV = "AH_DEBUG"
 
 

@@ -11,15 +11,18 @@ Only what needs weights is trained; every inference-time setting reuses the trai
   vat with label smoothing 0.1 = checkpoint B
   vat with the top-2 blocks unfrozen = checkpoint A, only when the cache holds the 'prefix' states and the
       trainer offers `unfreeze_top`; otherwise A is the frozen eps = 0 model (the table says which)
+  With `unfreeze_top` n (the paper's section 4.4) every variant above but B trains its top n blocks, and A is
+  the full model itself (ahflows/ablation_plan.py).
 
 Protocol, as in the paper's section 4.4: the full model, alpha 0.6, no label smoothing, and `windows`
 inference windows (the paper: 1) unless a row says otherwise. Every (model, alpha, windows) setting gets its
 own threshold, swept on val at that setting ([0.25, 0.75], step 0.01) as the paper does for its chosen
 checkpoint; val and test are scored at it. The ensemble averages A's and B's blended probabilities
 (5 windows each), rounded to 4 decimals as `ahcli ensemble` does. A cell is the mean ± the sample standard
-deviation (ddof = 1; 0 for one seed) over seeds.
+deviation (ddof = 1) over seeds; with one seed the tables print "n = 1" instead of a deviation.
 `frozen_a` uses the frozen model as A even when the cache allows the top-2 training (faster).
 `quick` trains only v, a, t and vat (single modalities vs the full model, plus the inference-time rows).
+`seed_offset` shifts the seeds; `label_smoothing` is the eps of every training but B.
 Finished trainings are appended to OUT/trainings.jsonl; `resume=True` reuses those made with the same
 cache, options and seed.
 """
@@ -34,10 +37,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ahflows.ablation_table import B_SMOOTHING, Row, aggregate, markdown, write_csv
+from ahflows.ablation_plan import (SUBSETS, AblationError, AblationOptions, Training, choose_a, make_plan,
+                                   require_prefix, split_overrides, unfreeze_supported)
+from ahflows.ablation_table import Row, aggregate, markdown, write_csv
 from ahflows.checkpoint_a import train_from_cache
+from ahflows.paper_tables import write_ablation_latex
 from ahflows.submission import quantise
-from extract.errors import AHError
 from extract.files import atomic_write_text
 from extract.listing import require_complete, split_coverage
 from extract.locks import folder_lock
@@ -45,88 +50,17 @@ from extract.stopping import never
 from extract.store import CacheReader
 from extract.vocab import LAST, PREFIX, PUBLIC_SPLITS, parse_modalities
 from heads.config import ModelConfig, TrainConfig
-from heads.data import load_split
+from heads.load import load_split
 from heads.infer import predict_split
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.run_files import cache_record
 from heads.runs import Run
-from heads.topblocks import cache_prefix_problem
+from heads.stacked import SeedStacks
 
-SUBSETS = ("v", "a", "t", "va", "vt", "at", "vat")
-QUICK_SUBSETS = ("v", "a", "t", "vat")
 ALPHAS = (0.0, 0.5, 0.6, 1.0)
 WINDOWS = (1, 3, 5)
 ENSEMBLE_WINDOWS = 5
-CONTROLLED = ("seed", "modalities", "conflict", "text_source", "label_smoothing", "unfreeze_top")
-MODEL_KEYS = ("dim", "head_hidden", "head_dropout", "ffn_dropout", "ffn_mult", "ffn_hidden", "pooling")
 LOG_FILE = "trainings.jsonl"
-
-
-class AblationError(AHError):
-    """Options the ablation cannot run with (a controlled option overridden, an unusable cache)."""
-
-
-# ---- what to train -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Training:
-    name: str
-    modalities: str = "vat"
-    conflict: bool = True
-    text_source: str = "full"
-    label_smoothing: float = 0.0
-    unfreeze_top: int = 0
-
-
-@dataclass
-class Plan:
-    trainings: list[Training]
-    checkpoint_a: str                 # name of the training used as checkpoint A
-    a_note: str                       # which A was used, and why
-    window_text: bool
-
-
-def unfreeze_supported(spec: dict | None, n: int = 2) -> tuple[bool, str]:
-    """True when the cache holds the prefix states the top n blocks read (else why not)."""
-    problem = cache_prefix_problem(spec, n)
-    if problem is not None:
-        return False, problem
-    return True, f"top-{n} encoder blocks unfrozen, trained from the cached prefix states (encoder lr = lr/10)"
-
-
-def make_plan(spec: dict | None, quick: bool, a_unfrozen: bool, a_reason: str) -> Plan:
-    spec = spec or {}
-    window_text = bool((spec.get("text") or {}).get("window_aligned")) and not quick
-    subsets = QUICK_SUBSETS if quick else SUBSETS
-    t = [Training(s, modalities=s) for s in subsets]
-    a_name = "vat"
-    a_note = f"checkpoint A = vat, eps 0, all encoder layers frozen ({a_reason})"
-    if not quick:
-        t.append(Training("vat-noconflict", conflict=False))
-        if window_text:
-            t.append(Training("vat-window", text_source="window"))
-        t.append(Training("vat-eps0.1", label_smoothing=B_SMOOTHING))
-        if a_unfrozen:
-            t.append(Training("vat-top2", unfreeze_top=2))
-            a_name, a_note = "vat-top2", f"checkpoint A = vat, eps 0, {a_reason}"
-    return Plan(t, a_name, a_note, window_text)
-
-
-def split_overrides(base: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model overrides, train overrides); the options the ablation varies itself are refused."""
-    bad = sorted(k for k in base if k in CONTROLLED)
-    if bad:
-        raise AblationError(f"ablate varies {', '.join(bad)} itself; leave them out of the base options")
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(k for k in base if k not in train_keys and k not in MODEL_KEYS)
-    if unknown:
-        raise AblationError(f"unknown training option(s) {', '.join(unknown)}")
-    model = {k: v for k, v in base.items() if k in MODEL_KEYS}
-    train = {k: v for k, v in base.items() if k in train_keys}
-    if "lr" in train and "lr_min" not in train:
-        train["lr_min"] = min(3e-7, float(train["lr"]))
-    return model, train
 
 
 # ---- scoring -----------------------------------------------------------------------------------------
@@ -222,8 +156,9 @@ class AblationResult:
     trainings: tuple[int, int] = (0, 0)   # (finished, planned)
 
 
-def _log_key(fingerprint: str, base: dict, quick: bool, windows: int) -> str:
-    return json.dumps({"fp": fingerprint, "base": base, "quick": quick, "windows": windows}, sort_keys=True)
+def _log_key(fingerprint: str, base: dict, quick: bool, windows: int, extra: dict | None = None) -> str:
+    return json.dumps({"fp": fingerprint, "base": base, "quick": quick, "windows": windows, **(extra or {})},
+                      sort_keys=True)
 
 
 def _read_log(path: Path, key: str) -> dict[tuple[str, int], dict]:
@@ -257,23 +192,20 @@ class AblationData:
     videos: dict[str, Any] = field(default_factory=dict)   # split -> videos used or scored / listed
 
 
-def choose_a(spec: dict | None, quick: bool, frozen_a: bool) -> tuple[bool, str]:
-    if quick or frozen_a:
-        return False, "--quick" if quick else "asked for (--frozen-a)"
-    return unfreeze_supported(spec)
-
-
-def load_data(cache: Path, quick: bool = False, frozen_a: bool = False, device: str = "auto",
-              on_load: Callable[[str], None] | None = None, allow_partial: bool = False) -> AblationData:
+def load_data(cache: Path, opts: AblationOptions, device: str = "auto",
+              on_load: Callable[[str], None] | None = None) -> AblationData:
     """train, val and (when listed) test, each read from the cache once, with every layer the plan needs.
-    A val or test split the cache holds only part of is refused unless `allow_partial`."""
+    A val or test split the cache holds only part of is refused unless `opts.allow_partial`; --unfreeze-top
+    on a cache without the matching prefix states is refused before anything loads."""
 
     reader = CacheReader(cache)
+    if opts.unfreeze_top:
+        require_prefix(reader.spec, opts.unfreeze_top, str(cache))
     covs = {s: split_coverage(reader, s) for s in PUBLIC_SPLITS}
     for s in ("val", "test"):
-        require_complete(covs[s], str(cache), allow_partial)
-    a_ok, _ = choose_a(reader.spec, quick, frozen_a)
-    window_text = make_plan(reader.spec, quick, a_ok, "").window_text
+        require_complete(covs[s], str(cache), opts.allow_partial)
+    a_ok, _ = choose_a(reader.spec, opts)
+    window_text = make_plan(reader.spec, opts.quick, a_ok, "").window_text
     layers = (LAST, PREFIX) if a_ok else (LAST,)
 
     def load(split: str):
@@ -285,24 +217,6 @@ def load_data(cache: Path, quick: bool = False, frozen_a: bool = False, device: 
     videos = {s: c.counts() for s, c in covs.items() if c.listed}
     return AblationData(load("train"), load("val"), test, reader.spec, reader.fingerprint,
                         cache_record(reader), str(cache), videos)
-
-
-@dataclass
-class AblationOptions:
-    seeds: int = 3                    # seeds 0..seeds-1
-    base: dict[str, Any] = field(default_factory=dict)   # TrainConfig/ModelConfig options for every training
-    quick: bool = False
-    windows: int = 1                  # inference windows of Tables 4 and 5
-    device: str = "auto"
-    resume: bool = False
-    frozen_a: bool = False
-    only_seed: int | None = None      # run this seed alone (one job per seed; merged with `merge`)
-    merge: list[Path] = field(default_factory=list)    # ablation folders whose finished trainings to reuse
-    allow_partial: bool = False       # score val/test even when the cache lacks some listed videos
-
-    @property
-    def seed_list(self) -> list[int]:
-        return [self.only_seed] if self.only_seed is not None else list(range(self.seeds))
 
 
 def run_ablation(
@@ -322,26 +236,26 @@ def run_ablation(
     should_stop: Callable[[], bool] = never,
     **more: Any,
 ) -> AblationResult:
-    """Train and score every ablation config for `seeds` seeds (0..seeds-1); write OUT/ablation.md and
-    OUT/ablation.csv. `base` overrides TrainConfig/ModelConfig options for every training; `more` takes
-    AblationOptions' only_seed, merge and allow_partial. OUT is locked while it is written."""
+    """Train and score every ablation config for `seeds` seeds (seed_offset..seed_offset+seeds-1); write
+    OUT/ablation.md, OUT/ablation.tex and OUT/ablation.csv. `base` overrides TrainConfig/ModelConfig options
+    for every training; `more` takes AblationOptions' only_seed, merge, allow_partial, seed_offset, unfreeze_top and
+    label_smoothing. OUT is locked while it is written."""
     t0 = time.perf_counter()
     base = dict(base or {})
     _, train_over = split_overrides(base)
     TrainConfig(**train_over)                         # refuse bad values before loading anything
     opts = AblationOptions(seeds, base, quick, windows, device, resume, frozen_a, **more)
     _check(opts)
+    if opts.unfreeze_top:                              # before OUT is created or locked
+        require_prefix(CacheReader(cache).spec, opts.unfreeze_top, str(cache))
     with folder_lock(out, "ablation folder"):
-        data = load_data(cache, quick, frozen_a, train_over.get("device", device), on_load, opts.allow_partial)
+        data = load_data(cache, opts, train_over.get("device", device), on_load)
         return ablate(data, out, opts, on_training=on_training, on_epoch=on_epoch, started=t0,
                       should_stop=should_stop)
 
 
 def _check(opts: AblationOptions) -> None:
-    if opts.seeds < 1 or opts.windows < 1:
-        raise AblationError("seeds and windows must be >= 1")
-    if opts.only_seed is not None and not 0 <= opts.only_seed < opts.seeds:
-        raise AblationError(f"--only-seed {opts.only_seed}: must lie in 0..{opts.seeds - 1} (--seeds {opts.seeds})")
+    opts.check()
     for folder in opts.merge:
         if not (Path(folder) / LOG_FILE).is_file():
             raise AblationError(f"{folder}: not an ablation folder to merge (no {LOG_FILE})")
@@ -368,8 +282,11 @@ def ablate(data: AblationData, out: Path, opts: AblationOptions, *,
     _check(opts)
     base, quick, windows, device = dict(opts.base), opts.quick, opts.windows, opts.device
     model_over, train_over = split_overrides(base)
-    a_ok, a_reason = choose_a(data.spec, quick, opts.frozen_a)
-    plan = make_plan(data.spec, quick, a_ok, a_reason)
+    if opts.unfreeze_top:
+        require_prefix(data.spec, opts.unfreeze_top, data.name)
+    a_ok, a_reason = choose_a(data.spec, opts)
+    plan = make_plan(data.spec, quick, a_ok, a_reason, unfreeze_top=opts.unfreeze_top,
+                     label_smoothing=opts.label_smoothing)
     train, val = data.train, data.val
     evals = {"val": val} | ({"test": data.test} if data.test is not None else {})
     cap = min(int(d.max_windows) for d in evals.values())
@@ -378,12 +295,13 @@ def ablate(data: AblationData, out: Path, opts: AblationOptions, *,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_FILE
-    key = _log_key(data.fingerprint, base, quick, windows)
+    key = _log_key(data.fingerprint, base, quick, windows, opts.key_extra())
     done = _reused(log_path, key, opts)
     # Keep only this ablation's complete records (a kill may have cut the last line), then append to it.
     atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in done.values()))
     rows: list[Row] = []
     seeds = opts.seed_list
+    stacks = SeedStacks(train, val, on_epoch)       # a training's seeds train together (heads/stacked.py)
     total = len(plan.trainings) * len(seeds)
     k = 0
     for seed in seeds:
@@ -404,7 +322,9 @@ def ablate(data: AblationData, out: Path, opts: AblationOptions, *,
                 if t.unfreeze_top:
                     tkw["unfreeze_top"] = t.unfreeze_top
                 tcfg = TrainConfig(**{"device": device, **tkw})
-                result = train_from_cache(train, val, mcfg, tcfg, spec=data.spec, on_epoch=on_epoch, cache=data.cache)
+                later = [s for s in seeds if s > seed and (t.name, s) not in done]
+                result = stacks.take(t.name, mcfg, tcfg, later) or train_from_cache(
+                    train, val, mcfg, tcfg, spec=data.spec, on_epoch=on_epoch, cache=data.cache)
                 if not result.completed:               # stopped by a signal: dropped, redone on --resume
                     return AblationResult([], [], "", time.perf_counter() - t0, stopped=True,
                                           trainings=(k - 1, total))
@@ -428,13 +348,15 @@ def ablate(data: AblationData, out: Path, opts: AblationOptions, *,
     agg = aggregate(rows)
     seconds = time.perf_counter() - t0
     meta = {"cache": data.name, "fingerprint": data.fingerprint, "seeds": seeds, "videos": data.videos,
-            "trainings": total, "seconds": seconds, "device": str(train.device), "base": base,
+            "trainings": total, "seconds": seconds, "device": str(train.device),
+            "base": base | opts.key_extra(),
             "windows": windows, "quick": quick, "a_note": plan.a_note, "window_text": plan.window_text, "cap": cap}
     md = markdown(agg, meta)
     write_csv(out / "ablation.csv", rows + agg)
     atomic_write_text(out / "ablation.md", md)
+    write_ablation_latex(out, agg)
     return AblationResult(rows, agg, md, seconds, trainings=(total, total))
 
 
-__all__ = ["run_ablation", "ablate", "load_data", "AblationData", "AblationResult", "AblationError", "Training",
-           "make_plan", "split_overrides", "SUBSETS", "ALPHAS", "WINDOWS"]
+__all__ = ["run_ablation", "ablate", "load_data", "AblationData", "AblationResult", "AblationError", "AblationOptions",
+           "Training", "make_plan", "split_overrides", "unfreeze_supported", "SUBSETS", "ALPHAS", "WINDOWS", "LOG_FILE"]

@@ -88,10 +88,26 @@ def write_csv(path: Path, rows: Sequence[Row]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def mean_std(mean: float | None, std: float | None, n: int, digits: int = 3, pm: str = "±") -> str:
+    """'0.912 ± 0.013' over n > 1 seeds; '0.912' for one seed (the deviation of one value is undefined:
+    the tables say 'n = 1' in their seeds column instead of printing '± 0.000')."""
+    if mean is None:
+        return "-"
+    if n > 1 and std is not None:
+        return f"{mean:.{digits}f} {pm} {std:.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
 def cell(r: Row | None, k: str) -> str:
     if r is None:
         return "-"
-    return f"{getattr(r, k):.3f} ± {r.std.get(k, 0.0):.3f}"
+    return mean_std(getattr(r, k), r.std.get(k), r.n_seeds)
+
+
+def seeds_cell(rows: Sequence[Row | None]) -> str:
+    """'n = 3' (the seeds behind a table row; 'n = 1, 3' if its cells differ)."""
+    ns = sorted({r.n_seeds for r in rows if r is not None})
+    return "n = " + ", ".join(str(n) for n in ns) if ns else "-"
 
 
 TABLE4 = [("no_conflict", "No conflict features (v+a+t only)"), ("window_text", "Window-aligned transcript only"),
@@ -105,18 +121,39 @@ TABLE6 = [("windows=1", "Inference: 1 window"), ("windows=3", "Inference: 3 wind
           ("single_B", "Single checkpoint B (5 windows)"), ("ensemble_AB", "Ensemble of 2 checkpoints (5 win.)")]
 
 
-def markdown(agg: Sequence[Row], meta: dict[str, Any]) -> str:
-    by = {(r.table, r.config, r.split): r for r in agg}
+@dataclass
+class Block:
+    """One table as the paper lays it out: a row label, then (split, metric) cells of aggregated rows."""
+    title: str
+    first: str                                  # header of the label column
+    splits: list[str]
+    rows: list[tuple[str, list[Row | None]]]    # (label, the aggregated row of each split)
 
-    def table(title: str, tab: str, items, splits: Sequence[str], first: str) -> list[str]:
-        present = [(c, label) for c, label in items if any((tab, c, s) in by for s in splits)]
-        if not present:
-            return []
-        head = [first] + [f"{s} {m}" if len(splits) > 1 else m for s in splits
-                          for m in ("Macro F1", "F1-AH", "F1-NoAH")]
-        lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for c, label in present:
-            vals = [cell(by.get((tab, c, s)), k) for s in splits for k in METRICS]
+
+def blocks(agg: Sequence[Row]) -> list[Block]:
+    """Tables 4, 5 and 6 with the rows present (Table 5 on val and test, the others on test, else val)."""
+    by = {(r.table, r.config, r.split): r for r in agg}
+    test = ["test"] if any(r.split == "test" for r in agg) else ["val"]
+    spec = [("Table 4. Component ablation (" + test[0] + " split)", "4", TABLE4, test, "Configuration"),
+            ("Table 5. Modality ablation (" + ("validation and test splits" if test == ["test"] else "val split") + ")",
+             "5", TABLE5, ["val", "test"] if test == ["test"] else ["val"], "Modality"),
+            ("Table 6. Inference settings (" + test[0] + " split)", "6", TABLE6, test, "Setting")]
+    out = []
+    for title, tab, items, splits, first in spec:
+        rows = [(label, [by.get((tab, c, s)) for s in splits]) for c, label in items
+                if any((tab, c, s) in by for s in splits)]
+        if rows:
+            out.append(Block(title, first, splits, rows))
+    return out
+
+
+def markdown(agg: Sequence[Row], meta: dict[str, Any]) -> str:
+    def table(b: Block) -> list[str]:
+        head = [b.first] + [f"{s} {m}" if len(b.splits) > 1 else m for s in b.splits
+                            for m in ("Macro F1", "F1-AH", "F1-NoAH")] + ["seeds"]
+        lines = [f"## {b.title}", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for label, rs in b.rows:
+            vals = [cell(r, k) for r in rs for k in METRICS] + [seeds_cell(rs)]
             lines.append("| " + " | ".join([label] + vals) + " |")
         return lines + [""]
 
@@ -125,14 +162,12 @@ def markdown(agg: Sequence[Row], meta: dict[str, Any]) -> str:
            f"{meta['trainings']} trainings in {meta['seconds']:.0f} s on {meta['device']}.",
            f"Options: {json.dumps(meta['base'], sort_keys=True) if meta['base'] else 'the paper defaults'}.",
            f"Tables 4 and 5 use {meta['windows']} inference window(s) (the paper: 1); each setting's threshold "
-           "is swept on val at that setting. Cells: mean ± sample std over seeds.", videos_line(meta.get("videos")),
+           "is swept on val at that setting. Cells: mean ± sample std (ddof = 1) over the n seeds of the last "
+           "column; with n = 1 the mean alone (no deviation).", videos_line(meta.get("videos")),
            ""]
-    has_test = any(r.split == "test" for r in agg)
-    test = ["test"] if has_test else ["val"]
-    out += table("Table 4. Component ablation (" + test[0] + " split)", "4", TABLE4, test, "Configuration")
-    out += table("Table 5. Modality ablation (validation and test splits)", "5", TABLE5,
-                 ["val", "test"] if has_test else ["val"], "Modality")
-    out += table("Table 6. Inference settings (" + test[0] + " split)", "6", TABLE6, test, "Setting")
+    test = ["test"] if any(r.split == "test" for r in agg) else ["val"]
+    for b in blocks(agg):
+        out += table(b)
     if meta["quick"]:
         out.append("- Quick: only v, a, t and vat trained; the component rows of Table 4 and the ensemble are absent.")
     else:

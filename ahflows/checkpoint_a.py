@@ -10,7 +10,7 @@ from torch import nn
 from extract.loading import load_backbone
 from extract.spec import ExtractionSpec
 from heads.config import ConfigError, ModelConfig, TrainConfig
-from heads.data import SplitData
+from heads.split_data import SplitData
 from heads.topblocks import TopBlocks, as_spec, cache_prefix_problem, encoders_record, hf_config_dict
 from heads.train import train_heads
 from heads.train_state import TrainResult

@@ -31,6 +31,7 @@ from ahflows.ablate import run_ablation, unfreeze_supported
 from ahflows.ablation_table import METRICS, read_csv
 from ahflows.checkpoint_a import train_from_cache
 from ahflows.ensemble import run_ensemble
+from ahflows.plots import Figures
 from ahflows.report import write_report
 from extract.errors import AHError
 from extract.files import atomic_write_json, read_json_object
@@ -40,13 +41,14 @@ from extract.synth import write_synthetic_bah
 from extract.tiny_encoders import write_tiny_encoders
 from extract.vocab import LAST, PREFIX
 from heads.config import ModelConfig, TrainConfig
-from heads.data import load_split
+from heads.load import load_split
 from heads.run_files import cache_record
 
 SYNTHETIC_NOTE = ("**Synthetic demo.** The data come from `ahcli synth` (planted cross-modal signal) and the "
                   "encoders are tiny random-initialised models: these numbers show the pipeline at work, they "
                   "are not results on BAH.")
 MARKERS = ".demo"
+PNG_ONLY = Figures(("png",))
 STAGES = ("synth", "encoders", "extract", "B", "A", "ensemble", "ablation", "report")
 # Options that change results: a folder made with other values is not reused.
 IDENTITY = ("videos", "seed", "quick", "epochs", "patience", "dim", "head_hidden", "lr", "batch_size", "text_weight")
@@ -310,7 +312,7 @@ class Demo:
                 p.update(task, completed=rec.epoch)
 
             res = run_ablation(self.paths.cache, self.paths.ablation, seeds=1, base=self.opts.base(), quick=self.opts.quick,
-                               windows=5, device=self.opts.device, resume=True,
+                               windows=5, device=self.opts.device, resume=True, seed_offset=self.opts.seed,
                                on_load=lambda split: p.update(task, description=f"loading {split}"),
                                on_training=on_training, on_epoch=on_epoch)
         return {"summary": f"{len(res.aggregated)} table cells (val and test), 1 seed"}
@@ -320,7 +322,8 @@ class Demo:
         made = []
         with self.console.status("  drawing the plots"):
             for folder in (self.paths.ensemble, self.paths.ablation):
-                res = write_report(folder, device=self.opts.device, preface=[SYNTHETIC_NOTE])
+                # PNG only: the demo is a quick look (`ahcli report` adds PDF and SVG by default)
+                res = write_report(folder, device=self.opts.device, preface=[SYNTHETIC_NOTE], figures=PNG_ONLY)
                 made.append(str(res.report))
         return {"summary": ", ".join(made), "reports": made}
 
@@ -378,8 +381,8 @@ def result_rows(paths: DemoPaths, a_note: str) -> list[Row]:
         m = m or {}
         return Row(name, m.get("macro_f1"), m.get("f1_ah"), m.get("f1_noah"), note)
 
-    rows = [row("full model (v+a+t, frozen, eps 0)", abl.get("vat"), "ablation, seed 0")]
-    rows += [row(f"{name} only", abl.get(key), "ablation, seed 0") for name, key in SINGLE]
+    rows = [row("full model (v+a+t, frozen, eps 0)", abl.get("vat"), "ablation, the demo's seed")]
+    rows += [row(f"{name} only", abl.get(key), "ablation, the demo's seed") for name, key in SINGLE]
     members = {Path(r.get("path", "")).name: r for r in ens.get("runs") or []}
     rows.append(row("checkpoint A", (members.get("A") or {}).get("test"), a_note.removeprefix("checkpoint A: ")))
     rows.append(row("checkpoint B", (members.get("B") or {}).get("test"), "frozen, label smoothing 0.1"))

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ahflows.raw_media import load_run_with_media
+from ahflows.paper_tables import write_ensemble_tables
 from ahflows.submission import (DECIMALS, PLACEHOLDER_P1, check_missing, private_order, private_split_file, quantise,
                                 write_submission)
 from extract.devices import resolve_device
@@ -34,6 +35,8 @@ from heads.infer import data_needs, predict_split
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.run_files import is_run_folder, read_config
 from heads.runs import Run
+from heads.calibration import CALIBRATION_FILE, calibrate, save_calibration
+from heads.uncertainty import bootstrap_intervals, participant_ids
 
 SCORED = ("val", "test")                  # the splits whose metrics are reported (private: see submission.py)
 
@@ -174,6 +177,9 @@ def run_ensemble(
     warn: Callable[[str], None] | None = None,
     on_split: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] = never,
+    template: Path | None = None,
+    trial: int = 0,
+    calibrated: bool = False,
 ) -> dict | None:
     """Average the runs over `cache`, tune the threshold on val, write OUT/metrics.json, OUT/predictions.csv
     and (with a private split) the submission files. Returns the metrics.json content, or None when
@@ -188,7 +194,8 @@ def run_ensemble(
     reader = CacheReader(cache)
     dev = resolve_device(device)
     loaded = load_runs([Path(r) for r in runs], reader, dev, data_root, private_root)
-    order = private_order(reader, private_split_file(data_root, private_root))
+    # the organisers' template (exactly its ids, in its order) when given; trial-<trial>.txt (ahflows/submission.py)
+    order = private_order(reader, private_split_file(data_root, private_root), template, trial)
     if order is not None:
         check_missing(order, allow_missing)               # before any work: refuse early
     splits = cache_splits(reader)
@@ -202,11 +209,33 @@ def run_ensemble(
         scores = score_splits(reader, loaded, splits, windows, device, on_split, should_stop)
         if scores is None:
             return None
-        return _write(out, reader, loaded, scores, coverage, order, windows, warn)
+        return write_ensemble(out, reader, loaded, scores, coverage, order, windows, warn, calibrated=calibrated)
 
 
-def _write(out: Path, reader: CacheReader, loaded: list[Run], scores: dict[str, SplitScores], coverage: dict,
-           order, windows: int, warn) -> dict:
+def split_intervals(reader: CacheReader, s: SplitScores, probs: np.ndarray, threshold: float) -> dict | None:
+    """Participant-bootstrap 95% intervals (heads/uncertainty.py) of a labelled split's metrics."""
+    keep = s.labelled
+    if not keep.any():
+        return None
+    ids = [v for v, k in zip(s.video_ids, keep) if k]
+    return bootstrap_intervals(s.labels[keep], probs[keep], threshold, participant_ids(reader, ids))
+
+
+def write_ensemble(out: Path, reader: CacheReader, loaded: Sequence[Run], scores: dict[str, SplitScores],
+                   coverage: dict, order, windows: int, warn: Callable[[str], None] | None = None,
+                   extra: dict | None = None, calibrated: bool = False) -> dict:
+    """The ensemble folder from scored splits (`scores[s].probs` = the ensemble's probabilities, per_run in
+    the order of `loaded`; a run may appear several times: its weight): the threshold tuned on val,
+    metrics.json (with participant-bootstrap intervals), predictions.csv and the submission files when
+    `order` is given. `extra` goes into metrics.json as is (e.g. how a sweep selected the members).
+    With `calibrated`, a temperature fitted on val (heads/calibration.py) rescales every probability before
+    the threshold is tuned: predictions.csv, metrics.json and the submission carry the calibrated values and
+    OUT/calibration.json the temperature (a stale one is removed otherwise)."""
+    cal = None
+    if calibrated:
+        scores, cal = _calibrated(scores)
+    else:
+        (out / CALIBRATION_FILE).unlink(missing_ok=True)
     t = tune_threshold(scores["val"])
     test = scores.get("test")
     record = {
@@ -216,7 +245,16 @@ def _write(out: Path, reader: CacheReader, loaded: list[Run], scores: dict[str, 
         "runs": [_run_record(r, i, scores, windows) for i, r in enumerate(loaded)],
         "cache_fingerprint": reader.fingerprint,
         "videos": {s: c.counts() for s, c in coverage.items()},
+        "intervals": {s: split_intervals(reader, scores[s], scores[s].probs, t) for s in SCORED if s in scores},
     }
+    if extra:
+        record.update(extra)
+    if cal is not None:
+        cal.threshold = t                    # tuned on the calibrated, 4-decimal probabilities
+        save_calibration(out, cal)
+        record["calibration"] = {"temperature": cal.temperature, "file": CALIBRATION_FILE,
+                                 "val_ece_before": cal.scores["val"]["ece_before"],
+                                 "val_ece_after": cal.scores["val"]["ece_after"]}
     write_predictions(out / "predictions.csv", scores, t)
     if order is not None:
         priv = scores.get("private")
@@ -233,8 +271,21 @@ def _write(out: Path, reader: CacheReader, loaded: list[Run], scores: dict[str, 
             if order.source.startswith("cache"):
                 warn("submission lines follow the cache's video_id order; pass --data ROOT to follow the "
                      "private split file's order")
+    write_ensemble_tables(out, record)                    # ensemble.md / .tex for a paper (ahflows/paper_tables.py)
     atomic_write_json(out / "metrics.json", record)
     return record
+
+
+def _calibrated(scores: dict[str, SplitScores]):
+    """Every split's ensemble probabilities rescaled by a temperature fitted on the labelled val videos."""
+    val = scores["val"]
+    keep = val.labelled
+    if not keep.any():
+        raise EnsembleError("the cache's val split holds no labelled videos: the temperature cannot be fitted")
+    others = {s: (sc.probs[sc.labelled], sc.labels[sc.labelled]) for s, sc in scores.items()
+              if s in SCORED and s != "val"}
+    cal = calibrate(val.probs[keep], val.labels[keep], tune_threshold(val), others)
+    return {s: replace(sc, probs=quantise(cal.apply(sc.probs))) for s, sc in scores.items()}, cal
 
 
 def _run_record(run: Run, i: int, scores: dict[str, SplitScores], windows: int) -> dict:
@@ -249,5 +300,5 @@ def _run_record(run: Run, i: int, scores: dict[str, SplitScores], windows: int) 
     return rec
 
 
-__all__ = ["EnsembleError", "run_ensemble", "load_runs", "check_fingerprints", "score_splits",
-           "tune_threshold", "write_predictions", "SplitScores"]
+__all__ = ["EnsembleError", "run_ensemble", "load_runs", "check_fingerprints", "score_splits", "write_ensemble",
+           "tune_threshold", "write_predictions", "split_intervals", "cache_splits", "SplitScores", "SCORED"]

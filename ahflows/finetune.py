@@ -11,7 +11,8 @@ uniform over the video, temporal augmentation); val is scored on the N windows t
 it (extract.windows.window_starts with the spec's seed and eval count: the cache's own windows). Decoding
 (face JPEGs, audio) runs in DataLoader workers; the protocol (loss, accumulation, schedule, threshold
 sweep, early stopping, checkpoints, resume) is heads.train.fit. On CUDA the encoders and heads run under
-bf16 autocast (`amp`); the CPU runs fp32 (slowly, but it runs: the tiny encoders are tested here).
+bf16 autocast (`amp`, or `precision`: extract/precision.py); the CPU runs fp32 (slowly, but it runs: the
+tiny encoders are tested here).
 """
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ def prepare_finetune(data_root: str | Path, spec_path: str | Path, model_options
 
     def val_logits(model):
         return raw_window_logits(model, lower, data.val, val_starts, valid, text_source=cfg.text_source,
-                                 batch_size=cfg.eval_batch_size, amp=cfg.amp, workers=workers)
+                                 batch_size=cfg.eval_batch_size, amp=cfg.amp_mode, workers=workers)
 
     def labels(videos) -> Tensor:
         return torch.tensor([float(v.label) for v in videos], dtype=torch.float32)

@@ -30,6 +30,7 @@ from extract.run import DecodedVideo, encode_video_record
 from extract.spec import load_spec
 from extract.transcripts import BahError, TranscriptChunk, parse_transcript
 from extract.windows import window_starts
+from heads.calibration import load_calibration
 from heads.infer import predict_split
 from heads.runs import load_run
 
@@ -224,6 +225,13 @@ def predict_recording(runs: Sequence[Path], mp4: Path, spec_path: Path, *, faces
               for r in loaded]
     p = float(np.mean([s.probability for s in scores]))
     notes = list(rec.notes)
+    # one run or ensemble folder with a calibration.json (heads/calibration.py): its temperature and threshold
+    cal = load_calibration(Path(runs[0])) if len(runs) == 1 else None
+    if cal is not None:
+        p = float(cal.apply(p)[()])
+        notes.append(f"probability temperature-scaled (T = {cal.temperature:.3f}, fitted on val)")
+        if threshold is None:
+            threshold = cal.threshold
     if threshold is None:
         if ens_threshold is not None:
             threshold = ens_threshold

@@ -31,7 +31,7 @@ from extract.stopping import quiet_worker
 from extract.store import CacheReader
 from extract.vocab import LAST, MODALITIES
 from extract.windows import window_starts
-from heads.data import SplitData
+from heads.split_data import SplitData
 from heads.infer import WindowLogits, autocast, per_video_modalities
 from heads.run_files import RunError
 from heads.runs import Run, load_run

@@ -1,4 +1,5 @@
-"""`ahcli report`: PNG plots and a `report.md` for a run folder, an ensemble folder or an ablation folder.
+"""`ahcli report`: plots (PNG, PDF and SVG by default: ahflows/plots.py `Figures`) and a `report.md` for a run
+folder, an ensemble folder or an ablation folder.
 
 What is drawn depends on what the folder holds:
 - run folder (`train-heads` / `finetune`): training curves from history.csv (train and val loss, val Macro F1
@@ -8,40 +9,31 @@ What is drawn depends on what the folder holds:
 - ensemble folder (`ahcli ensemble`): the same threshold / confusion / PR plots from predictions.csv (no
   cache needed) and the training curves of each member run that is still on disk.
 - ablation folder (`ahcli ablate`): one bar chart per table of ablation.csv (modality subsets first), mean
-  Macro F1 / F1-AH / F1-NoAH with the std over seeds as error bars.
+  Macro F1 / F1-AH / F1-NoAH with the std over seeds as error bars (none for one seed: "n = 1").
 Everything is drawn on matplotlib `Figure` objects with the Agg canvas: no display, no pyplot state.
 """
 from __future__ import annotations
 
-import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
-from ahflows.ablation_table import read_csv, videos_line
-from ahflows.ensemble import cache_splits, score_splits
-from ahflows.plots import (METRIC_LABELS, AblationRow, SplitPredictions, plot_ablation_bars, plot_confusion,
-                           plot_pr_curves, plot_threshold_curve, plot_training_curves)
-from extract.devices import resolve_device
+from ahflows.ablation_table import mean_std, read_csv, videos_line
+from ahflows.calibration_plots import report_section
+from ahflows.plots import (AP_DEFINITION, DEFAULT, METRIC_LABELS, AblationRow, Figures, SplitPredictions,
+                           plot_ablation_bars, plot_confusion, plot_pr_curves, plot_threshold_curve,
+                           plot_training_curves)
+from ahflows.report_inputs import (ReportError, predictions_from_csv, predictions_from_run, read_json,
+                                   run_cache_path)
 from extract.errors import AHError
-from extract.files import read_json_object
-from extract.listing import require_complete, split_coverage
-from extract.store import CacheReader
 from extract.vocab import canonical_letters, is_letters
 from heads.metrics import bah_metrics
 from heads.run_files import read_history
-from heads.runs import load_run
 
 REPORT_FILE = "report.md"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MODALITY_ORDER = ("v", "a", "t", "va", "vt", "at", "vat")
-
-
-class ReportError(AHError):
-    """A folder that is neither a run, an ensemble nor an ablation, or a run whose cache cannot be found."""
 
 
 @dataclass
@@ -49,8 +41,14 @@ class ReportResult:
     folder: Path
     kind: str                                   # 'run', 'ensemble' or 'ablation'
     report: Path
-    images: list[Path] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)      # the figures report.md shows (first format)
     notes: list[str] = field(default_factory=list)
+    formats: tuple[str, ...] = ("png",)                      # every figure is also written in these
+
+    @property
+    def files(self) -> list[Path]:
+        """Every figure file written, all formats."""
+        return [p.with_suffix(f".{f}") for p in self.images for f in self.formats]
 
 
 # ---- folder kinds ----------------------------------------------------------------------------------
@@ -71,74 +69,14 @@ def folder_kind(folder: Path) -> str:
                       "metrics.json) or an ablation folder (ablation.csv)")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return read_json_object(path, ReportError)
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ReportError(f"{path}: not a readable CSV file ({exc})") from exc
-
-
-# ---- reading predictions ---------------------------------------------------------------------------
-
-
-def predictions_from_csv(path: Path) -> dict[str, SplitPredictions]:
-    """predictions.csv of an ensemble -> labelled probabilities per split."""
-    by_split: dict[str, tuple[list[float], list[float]]] = {}
-    for i, row in enumerate(_read_csv(path), start=2):
-        if not row.get("label"):
-            continue
-        try:
-            p, y = float(row["probability"]), float(row["label"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ReportError(f"{path} line {i}: expected probability and label columns ({exc})") from exc
-        probs, labels = by_split.setdefault(row.get("split", "?"), ([], []))
-        probs.append(p)
-        labels.append(y)
-    return {s: SplitPredictions(s, np.array(p), np.array(y)) for s, (p, y) in by_split.items()}
-
-
-def predictions_from_run(run_dir: Path, cache: Path, windows: int = 5, device: str = "auto",
-                         splits: Sequence[str] = ("val", "test"), allow_partial: bool = False,
-                         listed: dict[str, int] | None = None) -> tuple[dict[str, SplitPredictions], Any]:
-    """Score a run over its cache (the same inference as `ahcli evaluate`): per split, and the loaded run.
-    A split the cache holds only part of is refused unless `allow_partial`; `listed` gets each scored
-    split's listed count."""
-
-    reader = CacheReader(cache)
-    run = load_run(run_dir, cache=reader, device=resolve_device(device))
-    present = [s for s in splits if s in cache_splits(reader)]
-    for split in present:
-        cov = require_complete(split_coverage(reader, split), str(cache), allow_partial)
-        if listed is not None:
-            listed[split] = len(cov.listed)
-    scores = score_splits(reader, [run], present, windows, device)
-    out = {}
-    for split, s in scores.items():
-        keep = s.labelled
-        if keep.any():
-            out[split] = SplitPredictions(split, s.per_run[0][keep], s.labels[keep])
-    return out, run
-
-
-def run_cache_path(run_dir: Path, cache: Path | None) -> Path | None:
-    """The cache to score a run on: the one given, else the one recorded in its config.json (if it exists)."""
-    if cache is not None:
-        return Path(cache)
-    recorded = (_read_json(Path(run_dir) / "config.json").get("cache") or {}).get("path")
-    if recorded and Path(recorded).is_dir():
-        return Path(recorded)
-    return None
-
-
 # ---- ablation.csv ----------------------------------------------------------------------------------
 
 
-TABLE_TITLES = {"4": "Table 4: components", "5": "Table 5: modality subsets", "6": "Table 6: inference settings"}
+# What each table's chart shows (the title says what is plotted; the paper's table number goes in report.md).
+TABLE_TITLES = {"4": "Macro F1, F1-AH, F1-NoAH without conflict features, on the window transcript, by text blend α",
+                "5": "Macro F1, F1-AH, F1-NoAH by modality subset",
+                "6": "Macro F1, F1-AH, F1-NoAH by inference windows, single checkpoint vs the A+B ensemble"}
+PAPER_TABLES = {v: f"the paper's Table {k}" for k, v in TABLE_TITLES.items()}
 
 
 def read_ablation(path: Path) -> list[AblationRow]:
@@ -150,7 +88,7 @@ def read_ablation(path: Path) -> list[AblationRow]:
     if not rows:
         raise ReportError(f"{path}: no aggregated rows")
     split = "test" if any(r.split == "test" for r in rows) else "val"
-    return [AblationRow(f"{TABLE_TITLES.get(r.table, r.table)} ({split} split)", r.config.removeprefix("modality="),
+    return [AblationRow(f"{TABLE_TITLES.get(r.table, 'Table ' + r.table)} ({split} split)", r.config.removeprefix("modality="),
                         {m: getattr(r, m) for m in METRIC_LABELS}, dict(r.std), r.n_seeds)
             for r in rows if r.split == split]
 
@@ -208,22 +146,24 @@ def _img(lines: list[str], images: list[Path], path: Path, caption: str) -> None
 
 
 def _prediction_plots(folder: Path, preds: dict[str, SplitPredictions], threshold: float, lines: list[str],
-                      images: list[Path], notes: list[str]) -> None:
+                      images: list[Path], notes: list[str], figures: Figures = DEFAULT) -> None:
     if "val" in preds:
         lines += ["## Threshold", "", f"Chosen threshold {threshold:.2f}, tuned on val in [0.25, 0.75].", ""]
-        _img(lines, images, plot_threshold_curve(preds["val"], threshold, folder / "threshold.png"),
+        _img(lines, images, plot_threshold_curve(preds["val"], threshold, folder / "threshold.png", figures=figures),
              "Macro F1 against the threshold on val")
     else:
         notes.append("no labelled val videos: no threshold plot")
     shown = [s for s in ("val", "test") if s in preds]
     if shown:
-        lines += ["## Confusion matrices", "", "Rows: truth, columns: prediction, at the chosen threshold.", ""]
+        lines += ["## Confusion matrices", "", "Rows: truth, columns: prediction, at the chosen threshold; each row "
+                  "normalised to the share of its true class (as `confusion` in metrics.json), counts in brackets.", ""]
         for s in shown:
-            _img(lines, images, plot_confusion(preds[s], threshold, folder / f"confusion_{s}.png"),
+            _img(lines, images, plot_confusion(preds[s], threshold, folder / f"confusion_{s}.png", figures=figures),
                  f"confusion matrix, {s}")
         lines += ["## Precision-recall", "",
-                  "AP in the legend follows the organisers' definition (trapezoid over thresholds 0..1 step 0.001).", ""]
-        _img(lines, images, plot_pr_curves([preds[s] for s in shown], folder / "pr.png"), "precision-recall curves")
+                  f"The organisers' curve: precision and recall at thresholds 0, 0.001, ..., 0.999; {AP_DEFINITION}.", ""]
+        _img(lines, images, plot_pr_curves([preds[s] for s in shown], folder / "pr.png", figures=figures),
+             "precision-recall curves")
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
@@ -242,18 +182,19 @@ def best_so_far(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return max(history, key=lambda h: (h["val_macro_f1"], -h["epoch"]))
 
 
-def _run_curves(run_dir: Path, out: Path, name: str) -> Path | None:
+def _run_curves(run_dir: Path, out: Path, name: str, figures: Figures = DEFAULT) -> Path | None:
     history, metrics_path = _history(run_dir), run_dir / "metrics.json"
     if not history:
         return None
     if metrics_path.is_file():
-        best, what = int(_read_json(metrics_path).get("best_epoch", history[-1]["epoch"])), "chosen epoch"
+        best, what = int(read_json(metrics_path).get("best_epoch", history[-1]["epoch"])), "chosen epoch"
     else:
         best, what = int(best_so_far(history)["epoch"]), "best so far, run not finished"
-    return plot_training_curves(history, best, out, title=f"{name}: training curves ({what} {best})")
+    return plot_training_curves(history, best, out, title=f"{name}: loss and val Macro F1 per epoch ({what} {best})",
+                                figures=figures)
 
 
-def report_unfinished_run(folder: Path) -> ReportResult:
+def report_unfinished_run(folder: Path, figures: Figures = DEFAULT) -> ReportResult:
     """A run still training or interrupted: its curves and best epoch so far, from history.csv alone."""
     history = _history(folder)
     if not history:
@@ -268,24 +209,25 @@ def report_unfinished_run(folder: Path) -> ReportResult:
              f"| {best['epoch']} | {best['val_macro_f1']:.4f} | {best['val_f1_ah']:.4f} | {best['val_f1_noah']:.4f} | "
              f"{best['threshold']:.2f} |", ""]
     images: list[Path] = []
-    curves = _run_curves(folder, folder / "curves.png", folder.name)
+    curves = _run_curves(folder, folder / "curves.png", folder.name, figures)
     if curves is not None:
         lines += ["## Training curves", ""]
         _img(lines, images, curves, "training curves")
-    return _finish(folder, "run", lines, images, [f"run not finished: {len(history)} epoch(s) in history.csv"])
+    return _finish(folder, "run", lines, images, [f"run not finished: {len(history)} epoch(s) in history.csv"],
+                   figures)
 
 
 def report_run(folder: Path, cache: Path | None = None, windows: int = 5, device: str = "auto",
-               allow_partial: bool = False) -> ReportResult:
+               allow_partial: bool = False, figures: Figures = DEFAULT) -> ReportResult:
     folder = Path(folder)
     metrics_path = folder / "metrics.json"
     if not metrics_path.is_file():
-        return report_unfinished_run(folder)
-    metrics = _read_json(metrics_path)
+        return report_unfinished_run(folder, figures)
+    metrics = read_json(metrics_path)
     lines = [f"# Run report: {folder.name}", ""]
     images: list[Path] = []
     notes: list[str] = []
-    cfg = _read_json(folder / "config.json")
+    cfg = read_json(folder / "config.json")
     model = cfg.get("model", {}) if isinstance(cfg, dict) else {}
     train = cfg.get("train", {}) if isinstance(cfg, dict) else {}
     top = int(train.get("unfreeze_top") or 0)
@@ -295,7 +237,7 @@ def report_run(folder: Path, cache: Path | None = None, windows: int = 5, device
               f"label smoothing {train.get('label_smoothing', '?')}, "
               f"best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, threshold "
               f"{_fmt(metrics.get('threshold'))}, alpha {_fmt(metrics.get('alpha'))}.", ""]
-    curves = _run_curves(folder, folder / "curves.png", folder.name)
+    curves = _run_curves(folder, folder / "curves.png", folder.name, figures)
     if curves is not None:
         lines += ["## Training curves", ""]
         _img(lines, images, curves, "training curves")
@@ -311,18 +253,18 @@ def report_run(folder: Path, cache: Path | None = None, windows: int = 5, device
                                           listed=listed)
         threshold = float(run.threshold)
         table = [(s, _split_metrics(p, threshold), listed.get(s)) for s, p in preds.items()]
-        _prediction_plots(folder, preds, threshold, lines, images, notes)
+        _prediction_plots(folder, preds, threshold, lines, images, notes, figures)
     lines[4:4] = ["## Scores", "", *_metrics_table(table), ""]
-    return _finish(folder, "run", lines, images, notes)
+    return _finish(folder, "run", lines, images, notes, figures)
 
 
 def _split_metrics(p: SplitPredictions, threshold: float) -> dict:
     return bah_metrics(p.labels, probs=p.probs, threshold=threshold)
 
 
-def report_ensemble(folder: Path) -> ReportResult:
+def report_ensemble(folder: Path, figures: Figures = DEFAULT) -> ReportResult:
     folder = Path(folder)
-    metrics = _read_json(folder / "metrics.json")
+    metrics = read_json(folder / "metrics.json")
     if not isinstance(metrics, dict) or "threshold" not in metrics:
         raise ReportError(f"{folder / 'metrics.json'}: no threshold (not an ensemble's metrics.json)")
     threshold = float(metrics["threshold"])
@@ -342,11 +284,11 @@ def report_ensemble(folder: Path) -> ReportResult:
                          f"{_fmt(r.get('label_smoothing'))} | {_fmt(r.get('threshold'))} | "
                          f"{_fmt((r.get('val') or {}).get('macro_f1'))} | {_fmt((r.get('test') or {}).get('macro_f1'))} |")
         lines.append("")
-    _prediction_plots(folder, preds, threshold, lines, images, notes)
+    _prediction_plots(folder, preds, threshold, lines, images, notes, figures)
     curves_done = False
     for i, r in enumerate(members):
         run_dir = Path(r.get("path", ""))
-        png = _run_curves(run_dir, folder / f"curves_{i}_{_slug(run_dir.name)}.png", run_dir.name) \
+        png = _run_curves(run_dir, folder / f"curves_{i}_{_slug(run_dir.name)}.png", run_dir.name, figures) \
             if run_dir.is_dir() else None
         if png is None:
             notes.append(f"member {run_dir}: no history on disk, no training curves")
@@ -355,7 +297,7 @@ def report_ensemble(folder: Path) -> ReportResult:
             lines += ["## Training curves of the members", ""]
             curves_done = True
         _img(lines, images, png, f"training curves of {run_dir.name}")
-    return _finish(folder, "ensemble", lines, images, notes)
+    return _finish(folder, "ensemble", lines, images, notes, figures)
 
 
 def _ablation_videos(path: Path) -> str:
@@ -367,48 +309,61 @@ def _ablation_videos(path: Path) -> str:
     return videos_line(videos)
 
 
-def report_ablation(folder: Path) -> ReportResult:
+def report_ablation(folder: Path, figures: Figures = DEFAULT) -> ReportResult:
     folder = Path(folder)
     rows = read_ablation(folder / "ablation.csv")
     lines = [f"# Ablation report: {folder.name}", "", _ablation_videos(folder / "ablation.csv"), ""]
     if (folder / "ablation.md").is_file():
-        lines += ["The full tables are in [ablation.md](ablation.md).", ""]
+        extra = ", LaTeX in [ablation.tex](ablation.tex)" if (folder / "ablation.tex").is_file() else ""
+        lines += [f"The full tables are in [ablation.md](ablation.md){extra}.", ""]
     images: list[Path] = []
     for k, (table, members) in enumerate(ablation_groups(rows)):
         name = table or "ablation"
         seeds = {m.seeds for m in members if m.seeds}
         n = f"{min(seeds)}" if seeds and min(seeds) == max(seeds) else (f"{min(seeds)}-{max(seeds)}" if seeds else "")
-        title = name + (f", {n} seed{'' if n == '1' else 's'}" if n else "")
-        png = plot_ablation_bars(members, folder / f"ablation_{k}_{_slug(name)}.png", title)
-        lines += [f"## {name}", "", "| setting | " + " | ".join(METRIC_LABELS.values()) + " |",
-                  "|---|" + "---:|" * len(METRIC_LABELS)]
+        title = name + (f", n = {n} seed{'' if n == '1' else 's'}" if n else "")
+        png = plot_ablation_bars(members, folder / f"ablation_{k}_{_slug(name)}.png", title, figures)
+        paper = next((v for t, v in PAPER_TABLES.items() if name.startswith(t)), "")
+        lines += [f"## {name}" + (f" ({paper})" if paper else ""), "",
+                  "| setting | " + " | ".join(METRIC_LABELS.values()) + " | seeds |",
+                  "|---|" + "---:|" * (len(METRIC_LABELS) + 1)]
         for m in members:
-            cells = [f"{m.mean[x]:.4f} ± {m.std.get(x, 0.0):.4f}" if x in m.mean else "-" for x in METRIC_LABELS]
-            lines.append(f"| {m.setting} | " + " | ".join(cells) + " |")
+            cells = [mean_std(m.mean.get(x), m.std.get(x), int(m.seeds or 1), digits=4) for x in METRIC_LABELS]
+            lines.append(f"| {m.setting} | " + " | ".join(cells) + f" | n = {m.seeds or 1} |")
         lines.append("")
         _img(lines, images, png, f"{name} bar chart")
-    return _finish(folder, "ablation", lines, images, [])
+    return _finish(folder, "ablation", lines, images, [], figures)
 
 
-def _finish(folder: Path, kind: str, lines: list[str], images: list[Path], notes: list[str]) -> ReportResult:
+def _finish(folder: Path, kind: str, lines: list[str], images: list[Path], notes: list[str],
+            figures: Figures = DEFAULT) -> ReportResult:
+    if kind in ("run", "ensemble"):            # bootstrap intervals and calibration (ahflows/calibration_plots.py)
+        section, drawn = report_section(folder, figures)
+        lines += section
+        images += drawn
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    if len(figures.formats) > 1:
+        lines += [f"Every figure is also written as {', '.join(f.upper() for f in figures.formats[1:])} "
+                  f"(same name), {figures.dpi} dpi for raster formats.", ""]
     path = folder / REPORT_FILE
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
-    return ReportResult(folder, kind, path, images, notes)
+    return ReportResult(folder, kind, path, images, notes, figures.formats)
 
 
 def write_report(folder: Path, cache: Path | None = None, windows: int = 5, device: str = "auto",
-                 preface: Sequence[str] = (), allow_partial: bool = False) -> ReportResult:
-    """Write the PNGs and report.md of a run, ensemble or ablation folder. `preface`: lines put under the
-    title (e.g. the demo's note that its data are synthetic)."""
+                 preface: Sequence[str] = (), allow_partial: bool = False, figures: Figures = DEFAULT) -> ReportResult:
+    """Write the figures (every format of `figures`; PNG, PDF and SVG by default) and report.md of a run,
+    ensemble or ablation folder. `preface`: lines put under the title (e.g. the demo's note that its data
+    are synthetic)."""
     kind = folder_kind(folder)
     if kind == "ablation":
-        res = report_ablation(folder)
+        res = report_ablation(folder, figures)
     elif kind == "ensemble":
-        res = report_ensemble(folder)
+        res = report_ensemble(folder, figures)
     else:
-        res = report_run(folder, cache=cache, windows=windows, device=device, allow_partial=allow_partial)
+        res = report_run(folder, cache=cache, windows=windows, device=device, allow_partial=allow_partial,
+                         figures=figures)
     if preface:
         text = res.report.read_text(encoding="utf-8").split("\n")
         res.report.write_text("\n".join(text[:2] + list(preface) + [""] + text[2:]), encoding="utf-8")
@@ -433,4 +388,4 @@ def linked_files(report: Path) -> list[str]:
 __all__ = ["ReportError", "ReportResult", "SplitPredictions", "AblationRow", "write_report", "folder_kind",
            "report_run", "report_ensemble", "report_ablation", "read_ablation", "predictions_from_csv",
            "predictions_from_run", "plot_training_curves", "plot_threshold_curve", "plot_confusion",
-           "plot_pr_curves", "plot_ablation_bars", "is_png", "linked_files", "REPORT_FILE"]
+           "plot_pr_curves", "plot_ablation_bars", "is_png", "linked_files", "REPORT_FILE", "Figures"]

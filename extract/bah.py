@@ -1,10 +1,9 @@
 """The BAH tree (see docs/BAH_LAYOUT.md) -> typed `Video` records, plus a list of `Problem`s.
 
-Quirks handled: spaces and the DESKTOP suffix in ids, raw commas in transcripts (split with maxsplit=2),
-private split lines with or without the placeholder label, BOM and CRLF (read, and reported as non-fatal
-problems of the split file), numeric frame order, `!!python/tuple` timestamps (SafeLoader subclass), a null
-last end (-> media duration), Whisper's 30 s timestamp restarts (-> monotonic offsets), fps from the
-container with fallbacks.
+Quirks handled: spaces and the DESKTOP suffix in ids, split files (extract/split_files.py: raw commas,
+the private file's label style decided once per file, BOM, CRLF), numeric frame order, `!!python/tuple`
+timestamps (SafeLoader subclass), a null last end (-> media duration), Whisper's 30 s timestamp restarts
+(-> monotonic offsets), fps from the container with fallbacks.
 
 Robustness: a video with a fatal problem is left out of `videos` and listed in `problems`; a non-fatal
 oddity keeps the video and adds a problem too. YAML aliases are refused (no billion laughs), transcript
@@ -21,6 +20,9 @@ from typing import Iterable, Sequence
 
 from extract.errors import AHError
 from extract.media import MediaError, MediaInfo, probe
+from extract.split_files import (K_FRAME_MISMATCH, K_MISSING_FACES, K_MISSING_TRANSCRIPT, K_MISSING_VIDEO,
+                                  K_NO_AUDIO, K_OTHER, K_REFUSED, K_SPLIT_LINE, K_UNREADABLE, Problem, SplitLine,
+                                  read_split_file)
 from extract.transcripts import BahError, TranscriptChunk, load_big_yaml, parse_transcript
 from extract.vocab import PUBLIC_SPLITS, SPLITS, check_split
 
@@ -43,18 +45,6 @@ class NotBahTree(AHError):
     exit_code = 2
 
 
-# Problem kinds (for the per-split table of `ahcli data check`).
-K_SPLIT_LINE = "split_line"
-K_MISSING_VIDEO = "missing_video"
-K_MISSING_FACES = "missing_faces"
-K_MISSING_TRANSCRIPT = "missing_transcript"
-K_NO_AUDIO = "no_audio"
-K_FRAME_MISMATCH = "frame_mismatch"
-K_UNREADABLE = "unreadable"
-K_REFUSED = "refused"
-K_OTHER = "other"
-
-
 @dataclass
 class Video:
     video_id: str
@@ -72,16 +62,6 @@ class Video:
     frame_count: int  # number of face frames: what clips index into
     duration: float
     has_audio: bool
-
-
-@dataclass
-class Problem:
-    video_id: str
-    problem: str
-    split: str | None = None
-    kind: str = K_OTHER
-    fatal: bool = True
-    line: int | None = None       # the split-file line it concerns, when it is one line's problem
 
 
 @dataclass
@@ -112,70 +92,6 @@ class BahDataset:
         if self._annotations is None:
             self._annotations = load_big_yaml(self.root / "video_annotation_transcript.yaml")
         return self._annotations
-
-
-# --------------------------------------------------------------------------------------- split files
-@dataclass
-class SplitLine:
-    video_id: str
-    label: int | None
-    transcript: str
-    lineno: int
-
-
-def read_split_file(path: Path, private: bool, split: str) -> tuple[list[SplitLine], list[Problem]]:
-    """Parse `video_id,label,transcript` lines (BOM, CRLF, non-UTF-8 bytes and private styles handled)."""
-    lines: list[SplitLine] = []
-    problems: list[Problem] = []
-    rel = f"{path.parent.name}/{path.name}"
-    data = path.read_bytes()
-    # Both are read correctly and reported (not fatal): a tool that wrote them may have changed more.
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-        problems.append(Problem(rel, "starts with a UTF-8 byte-order mark (ids read without it)", split,
-                                K_SPLIT_LINE, fatal=False))
-    if b"\r\n" in data:
-        problems.append(Problem(rel, "CRLF line endings (read as LF)", split, K_SPLIT_LINE, fatal=False))
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.rstrip(b"\r")
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-            bad_bytes = False
-        except UnicodeDecodeError:
-            text = raw.decode("utf-8", errors="replace")
-            bad_bytes = True
-        parts = text.split(",", 2)
-        video_id = parts[0].strip()
-        where = f"{rel} line {lineno}"
-        if bad_bytes and "\ufffd" in video_id:
-            problems.append(Problem(video_id, f"{where}: video_id is not valid UTF-8", split, K_SPLIT_LINE, line=lineno))
-            continue
-        if private:
-            if len(parts) >= 2 and parts[1].strip() in ("0", "1", ""):
-                transcript = parts[2] if len(parts) == 3 else ""
-            else:  # no label column: everything after the id is the transcript
-                transcript = text.split(",", 1)[1] if len(parts) >= 2 else ""
-            label = None
-        else:
-            if len(parts) < 2:
-                problems.append(Problem(video_id, f"{where}: expected 'video_id,label,transcript'", split, K_SPLIT_LINE,
-                                        line=lineno))
-                continue
-            label_text = parts[1].strip()
-            if label_text not in ("0", "1"):
-                problems.append(Problem(video_id, f"{where}: label {label_text!r} is not 0 or 1", split, K_SPLIT_LINE,
-                                        line=lineno))
-                continue
-            label = int(label_text)
-            transcript = parts[2] if len(parts) == 3 else ""
-        if bad_bytes:
-            problems.append(
-                Problem(video_id, f"{where}: transcript holds bytes that are not UTF-8 (replaced)", split, K_SPLIT_LINE, fatal=False)
-            )
-        lines.append(SplitLine(video_id, label, transcript.strip(), lineno))
-    return lines, problems
 
 
 # --------------------------------------------------------------------------------------- one video

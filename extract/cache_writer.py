@@ -1,6 +1,7 @@
 """Writing the cache: one spec per folder, one atomic unit per video (see extract/store.py for the layout)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -12,12 +13,15 @@ import numpy as np
 from extract.faults import fault_point
 from extract.files import atomic_write_json, fsync_path, owner_dead, remove, tmp_name
 from extract.locks import LOCK_FILE
-from extract.record import LENGTHS, VideoRecord, array_sha256, check_record, expected_arrays, video_key
+from extract.record import CHECKSUM, LENGTHS, VideoRecord, array_checksum, check_record, expected_arrays, video_key
 from extract.spec import ExtractionSpec
 from extract.store import (ERRORS, FORMAT, INDEX, MANIFEST, VIDEOS, CacheError, CacheReader, fingerprint_mismatch,
                            load_manifest, unit_problems)
 from extract.store_backends import Backend, get_backend
 from extract.vocab import SEGMENTS
+
+
+PUBLISH_TRIES = 5
 
 
 class CacheWriter:
@@ -115,6 +119,10 @@ class CacheWriter:
         except Exception:  # noqa: BLE001 - any failure to load means "not complete"
             return False
 
+    def recorded_inputs(self, video_id: str) -> dict[str, Any] | None:
+        """The input signature a complete unit was written with (None: none recorded)."""
+        return self.backend.read_attrs(self.unit_path(video_id)).get("inputs")
+
     def write(self, record: VideoRecord) -> None:
         """Store one video atomically (temporary unit renamed into place); replaces an older unit."""
         meta = record.meta()
@@ -124,9 +132,9 @@ class CacheWriter:
             raise CacheError(f"{record.video_id}: cannot cache this video: {'; '.join(problems)}")
         attrs = {
             "format": FORMAT, "fingerprint": self.fingerprint, "meta": meta,
-            "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape), "sha256": array_sha256(a)}
+            "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape), CHECKSUM: array_checksum(a)}
                        for n, a in sorted(arrays.items())},
-            "written_by": self.provenance,
+            "written_by": self.provenance, "inputs": dict(record.inputs),
         }
         final = self.unit_path(record.video_id)
         tmp = final.parent / tmp_name("tmp", final.name)
@@ -150,14 +158,24 @@ class CacheWriter:
             return np.ascontiguousarray(arr, dtype=self.spec.dtype)
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        trash = None
-        if final.exists():
-            trash = final.parent / tmp_name("trash", final.name)
-            os.rename(final, trash)
-        os.rename(tmp, final)  # the complete mark
+        """Rename `tmp` into place, moving an older unit aside first. Another writer of the same video (two jobs
+        on one cache despite the lock, e.g. on a file system without working locks) may publish in between:
+        then a folder unit cannot be renamed over a non-empty one (ENOTEMPTY), so move theirs aside and retry;
+        both hold the same spec's output for the same video, and the last one wins."""
+        trashed = []
+        for attempt in range(PUBLISH_TRIES):
+            if final.exists():
+                trashed.append(final.parent / tmp_name("trash", final.name))
+                os.rename(final, trashed[-1])
+            try:
+                os.rename(tmp, final)  # the complete mark
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == PUBLISH_TRIES - 1:
+                    raise
         fault_point("unit_renamed")
         fsync_path(final.parent)
-        if trash is not None:
+        for trash in trashed:
             remove(trash)
 
     def relabel(self, video_id: str, split: str, label: int | None) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -21,10 +20,10 @@ from torch import nn
 
 from extract.loading import (EncoderError, load_backbone, load_preprocessor, resolve_spec, text_token_limit,
                              weights_id_of)
+from extract.precision import autocast_context, resolve_precision
 from extract.spec import ExtractionSpec
 from extract.vocab import MODALITIES
 
-_AUTOCAST_DTYPE = torch.bfloat16
 # Files that define a local encoder's numbers (weights, config, preprocessing, tokenizer).
 _ID_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
 
@@ -177,7 +176,9 @@ def text_forward(model, tokenizer, spec: ExtractionSpec, text: str, layers: Sequ
 class FrozenEncoders:
     """The three frozen encoders of a spec; every encode_* returns float32 CPU tensors per stored layer."""
 
-    def __init__(self, spec: ExtractionSpec, device: str | torch.device = "cpu"):
+    def __init__(self, spec: ExtractionSpec, device: str | torch.device = "cpu", precision: str = "auto"):
+        # the precision the forwards run in (extract/precision.py): auto = bf16 on CUDA, fp32 on the CPU
+        self.precision = resolve_precision(precision, device)
         procs = {m: load_preprocessor(spec, m) for m in MODALITIES}
         self.extractor, self.tokenizer = procs["audio"], procs["text"]
         spec = resolve_spec(spec, procs)
@@ -196,9 +197,7 @@ class FrozenEncoders:
         return {m: list(model.unused_weights) for m, model in self.models.items()}
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=_AUTOCAST_DTYPE)
-        return nullcontext()
+        return autocast_context(self.precision, self.device)
 
     def _to_cpu(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # On CUDA, cast to the cache's dtype before the copy (half the bytes when it stores float16).
@@ -238,5 +237,5 @@ class FrozenEncoders:
         return [len(ids) for ids in text_segments(self.tokenizer, self.spec, text)]
 
 
-def load_encoders(spec: ExtractionSpec, device: str = "cpu") -> FrozenEncoders:
-    return FrozenEncoders(spec, device)
+def load_encoders(spec: ExtractionSpec, device: str = "cpu", precision: str = "auto") -> FrozenEncoders:
+    return FrozenEncoders(spec, device, precision)

@@ -7,12 +7,14 @@ whole, even after a power cut; and a leftover temporary can be told from a live 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import socket
 import stat
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -74,11 +76,27 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+_SYNC_THREADS = 16
+_sync_pool: ThreadPoolExecutor | None = None
+
+
 def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (a Zarr unit's ~20 files) concurrently: the file system
+    commits the concurrent requests together (one journal commit, about one fsync's cost) where one after
+    another each pays its own commit. Returns when all are durable; the first failure is raised."""
+    global _sync_pool
+    paths = []
     for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            fsync_path(Path(dirpath) / name)
-        fsync_path(Path(dirpath))
+        paths += [Path(dirpath) / name for name in names]
+        paths.append(Path(dirpath))
+    if len(paths) < 3:
+        for path in paths:
+            fsync_path(path)
+        return
+    if _sync_pool is None:
+        _sync_pool = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="fsync")
+    for done in [_sync_pool.submit(fsync_path, path) for path in paths]:
+        done.result()
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], fault: str | None = None) -> None:
@@ -112,6 +130,30 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, obj: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"), fault="json_replace")
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` with every NaN/Inf float (an undefined metric) as None: JSON has no NaN, and a bare `NaN` on stdout
+    breaks every strict parser (jq, JavaScript, Python's own with parse_constant)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kw: Any) -> str:
+    """Valid JSON for stdout: non-finite floats become null (finite_json); numpy scalars and paths as text."""
+    return json.dumps(finite_json(obj), allow_nan=False, default=_plain, **kw)
+
+
+def _plain(obj: Any) -> Any:
+    if hasattr(obj, "item"):           # a numpy scalar
+        value = obj.item()
+        return value if not isinstance(value, float) or math.isfinite(value) else None
+    return str(obj)
 
 
 def read_json(path: Path, error: type[AHError] = AHError, what: str = "file") -> Any:

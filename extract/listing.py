@@ -31,18 +31,24 @@ def read_listed(cache: str | Path) -> dict[str, list[str]]:
         obj = read_json_object(path, AHError, "listed videos")
     except FileNotFoundError:
         return {}
-    splits = obj.get("splits") or {}
-    return {str(s): [str(v) for v in ids] for s, ids in splits.items() if isinstance(ids, list)}
+    splits = obj.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(ids, list) and all(isinstance(v, str) for v in ids)
+                                               for ids in splits.values()):
+        raise AHError(f"{path}: 'splits' must map each split to a list of video ids (edited by hand?); "
+                      "the next `ahcli extract` of this cache rewrites it")
+    return {str(s): list(ids) for s, ids in splits.items()}
 
 
 def write_listed(cache: str | Path, listed: Mapping[str, Sequence[str]], sources: Mapping[str, str]) -> None:
     """Record the split files' ids; splits not extracted this time keep their earlier record."""
-    old = read_listed(cache)
     path = Path(cache) / LISTED
     try:
+        old = read_listed(cache)
         old_sources = dict(read_json_object(path, AHError, "listed videos").get("sources") or {})
     except FileNotFoundError:
-        old_sources = {}
+        old, old_sources = {}, {}
+    except (AHError, TypeError, ValueError):   # a damaged record: this run's split files replace it
+        old, old_sources = {}, {}
     merged = {**old, **{s: list(ids) for s, ids in listed.items()}}
     atomic_write_json(path, {"splits": dict(sorted(merged.items())),
                              "sources": dict(sorted({**old_sources, **sources}.items()))}, indent=1)

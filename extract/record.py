@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import google_crc32c
 import numpy as np
 
 from extract.vocab import LAST, PREFIX, SEGMENTS, TOKEN_GROUPS, WINDOW_LENGTHS
@@ -37,6 +38,8 @@ class VideoRecord:
     # 'video/<layer>': (W, Lv, Dv); 'audio/<layer>': (La, Da); 'text/<layer>': (Lt, Dt);
     # 'text_window/<layer>': (sum of per-window lengths, Dt) with 'text_window_lengths': (W,) int64
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    # What the unit was made from (extract/inputs.py): kept beside the metadata, not part of the content digest.
+    inputs: dict[str, str] = field(default_factory=dict)
 
     def meta(self) -> dict[str, Any]:
         """The scalar fields as plain JSON types (numpy scalars converted), the canonical metadata."""
@@ -67,6 +70,47 @@ def canonical_json(obj: Any) -> bytes:
 
 def array_sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest()
+
+
+def array_crc32c(arr: np.ndarray) -> str:
+    """CRC32C of the array's bytes as 8 hex digits: ~15 GB/s per core (hardware CRC) against sha256's ~1.5,
+    and it catches every burst error up to 32 bits (any flipped byte); it guards against damage, not tampering."""
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    return f"{google_crc32c.value(flat):08x}"
+
+
+# The checksum new units declare per array; units written before it declare 'sha256' and still verify.
+CHECKSUM = "crc32c"
+CHECKSUMS = {"crc32c": array_crc32c, "sha256": array_sha256}
+# Per item size: the unsigned view, the mask dropping the sign, and the magnitude bits at or above which a
+# float is Inf or NaN (exponent all ones).
+_NONFINITE_BITS = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000),
+                   8: (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
+_FINITE_STEP = 1 << 20
+
+
+def array_checksum(arr: np.ndarray, algorithm: str = CHECKSUM) -> str:
+    return CHECKSUMS[algorithm](arr)
+
+
+def declared_checksum(decl: dict[str, Any]) -> tuple[str, str] | None:
+    """(algorithm, value) an array's declaration carries, or None when it carries none this tool knows."""
+    return next(((a, decl[a]) for a in CHECKSUMS if isinstance(decl.get(a), str)), None)
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    """No NaN or Inf: the exponent bits tested in 1M-item slices (~10x np.isfinite(arr).all(), no big temporary)."""
+    if arr.dtype.kind != "f":
+        return True
+    bits = _NONFINITE_BITS.get(arr.dtype.itemsize)
+    if bits is None or arr.dtype.byteorder not in "=|" + ("<" if np.little_endian else ">"):
+        return bool(np.isfinite(arr).all())
+    uint, mask, limit = bits
+    flat = np.ascontiguousarray(arr).reshape(-1).view(uint)
+    for lo in range(0, flat.size, _FINITE_STEP):
+        if (flat[lo:lo + _FINITE_STEP] & uint(mask)).max() >= limit:
+            return False
+    return True
 
 
 def expected_arrays(spec: dict[str, Any]) -> list[str]:
@@ -135,7 +179,7 @@ def check_record(meta: dict[str, Any], arrays: dict[str, np.ndarray], dtype: str
             full = arrays.get("text/" + name.split("/", 1)[1])
             if full is not None and full.ndim == 2 and full.shape[1] != arr.shape[1]:
                 problems.append(f"{name}: width {arr.shape[1]} differs from the full text's {full.shape[1]}")
-        if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        if arr.dtype.kind == "f" and arr.size and not all_finite(arr):
             problems.append(f"{name}: contains NaN or Inf")
     return problems
 
@@ -150,6 +194,8 @@ def check_declared(attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> list
         if list(arr.shape) != list(decl["shape"]) or str(arr.dtype) != decl["dtype"]:
             problems.append(f"{name}: stored as {arr.shape} {arr.dtype}, metadata says "
                             f"{tuple(decl['shape'])} {decl['dtype']}")
-        elif array_sha256(arr) != decl["sha256"]:
+        elif (declared := declared_checksum(decl)) is None:
+            problems.append(f"{name}: metadata declares no checksum (known: {', '.join(CHECKSUMS)})")
+        elif array_checksum(arr, declared[0]) != declared[1]:
             problems.append(f"{name}: checksum mismatch (altered or flipped bytes)")
     return problems

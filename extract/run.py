@@ -29,9 +29,11 @@ from extract.dist import Dist, all_sum, barrier, init_distributed, shard
 from extract.encoders import FrozenEncoders, load_encoders
 from extract.errors import AHError
 from extract.faults import fault_point
+from extract.inputs import changed_inputs, describe_change, input_signature
 from extract.listing import write_listed
 from extract.locks import acquire as acquire_lock
 from extract.locks import release as release_lock
+from extract.precision import check_precision, resolve_precision
 from extract.provenance import provenance
 from extract.record import VideoRecord
 from extract.spec import ExtractionSpec, load_spec
@@ -55,10 +57,12 @@ class ExtractOptions:
     private_root: Path | None = None
     allow_symlinks: bool = False
     progress: bool = True
+    precision: str = "auto"       # encoder forwards: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16, fp32
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 0:
             raise AHError(f"--batch-size must be >= 1 and --workers >= 0 (got {self.batch_size} and {self.workers})")
+        check_precision(self.precision)
 
 
 @dataclass
@@ -227,11 +231,13 @@ def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOpt
     device = str(resolve_device(opts.device))
     if device == "cuda" and dist.active:
         device = f"cuda:{dist.local_rank}"
+    used = resolve_precision(opts.precision, device)        # half precision on the CPU: refused before any work
     dataset = read_bah(data_root, private_root=opts.private_root, splits=opts.splits, allow_symlinks=opts.allow_symlinks)
-    encoders = encoders if encoders is not None else load_encoders(spec, device=device)
+    encoders = encoders if encoders is not None else load_encoders(spec, device=device, precision=opts.precision)
     spec = encoders.spec                      # resolved: preprocessing from the models, weights by content
     # CPU results depend on the intra-op thread count (HuBERT's convolutions): recorded with the versions.
-    prov = {**provenance(), "torch_threads": torch.get_num_threads(), "unused_weights": encoders.loading_report()}
+    prov = {**provenance(), "torch_threads": torch.get_num_threads(), "unused_weights": encoders.loading_report(),
+            "precision": getattr(encoders, "precision", used)}       # the manifest records what the forwards used
     # Rank 0 holds the cache's writer lock for the whole job and creates (or wipes) the cache before the
     # others open it; a second extraction on this cache (not one of our ranks) is refused.
     locked = dist.rank == 0
@@ -269,7 +275,14 @@ def _extract_share(dataset, spec: ExtractionSpec, encoders: FrozenEncoders, writ
         for v in mine:
             if v.video_id in bad:
                 writer.discard(v.video_id)
-    todo = [v for v in mine if not writer.is_complete(v.video_id)]
+    signatures = {v.video_id: input_signature(v, spec.text.window_aligned) for v in mine}
+    todo = []
+    for v in mine:
+        if not writer.is_complete(v.video_id):
+            todo.append(v)
+        elif changed := changed_inputs(writer.recorded_inputs(v.video_id), signatures[v.video_id]):
+            todo.append(v)                 # its media or transcript was edited: encode it again
+            summary.notes.append((v.video_id, describe_change(changed) + ": extracted again"))
     summary.skipped = len(mine) - len(todo)
     summary.total = len(todo)
     pending_ids = {v.video_id for v in todo}
@@ -280,7 +293,7 @@ def _extract_share(dataset, spec: ExtractionSpec, encoders: FrozenEncoders, writ
                 summary.notes.append((v.video_id, f"split/label updated to {v.split}/{v.label} from the split file"))
 
     start = time.perf_counter()
-    _run_loop(todo, spec, encoders, writer, opts, summary, on_progress, should_stop)
+    _run_loop(todo, spec, encoders, writer, opts, summary, on_progress, should_stop, signatures)
     summary.seconds = time.perf_counter() - start
     if summary.interrupted:
         return summary                     # unsealed: the same command resumes it
@@ -295,7 +308,8 @@ def _extract_share(dataset, spec: ExtractionSpec, encoders: FrozenEncoders, writ
 
 def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders, writer: CacheWriter,
               opts: ExtractOptions, summary: ExtractSummary,
-              on_progress: Callable[[ExtractProgress], None] | None, should_stop: Callable[[], bool]) -> None:
+              on_progress: Callable[[ExtractProgress], None] | None, should_stop: Callable[[], bool],
+              signatures: dict[str, dict[str, str]]) -> None:
     loader = DataLoader(
         _DecodeSet(todo, spec), batch_size=None, shuffle=False, num_workers=opts.workers,
         collate_fn=lambda x: x, prefetch_factor=2 if opts.workers > 0 else None,
@@ -321,6 +335,7 @@ def _run_loop(todo: list[Video], spec: ExtractionSpec, encoders: FrozenEncoders,
             else:
                 try:
                     record = encode_video_record(decoded, encoders, spec, opts.batch_size, phases)
+                    record.inputs = signatures[vid]
                 except AHError as exc:
                     writer.record_error(vid, decoded.video.split, str(exc))
                     summary.failed[vid] = str(exc)

@@ -11,7 +11,8 @@ Layout of CACHE/:
 A unit is written under a temporary dot-name in videos/ and renamed into place; the rename is the
 "complete" mark, so a reader never sees a half-written video and a kill -9 at any moment leaves only a
 temporary unit that the next writer removes. Each unit's attribute document holds the video's metadata
-and a sha256 per array, so `verify` catches a flipped byte. Several processes may write disjoint videos
+and a checksum per array (CRC32C; sha256 in units written before it, still read), so `verify` catches a
+flipped byte. Several processes may write disjoint videos
 concurrently: no shared file is written except the manifest at creation and by seal()/unseal.
 
     >>> r = CacheReader("cache")
@@ -63,6 +64,19 @@ def _dir_bytes(path: Path) -> int:
 
 # --------------------------------------------------------------------------------------- manifest
 
+_KINDS = {int: "an integer", dict: "an object", str: "a string", list: "a list"}
+
+
+def index_problem(index: Any) -> str | None:
+    """Why a parsed index.json is not one this tool wrote (None when its shape is sound)."""
+    if not isinstance(index, dict) or not isinstance(index.get("videos"), list):
+        return "not an index (an object with a 'videos' list)"
+    for i, e in enumerate(index["videos"]):
+        if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in ("video_id", "key", "split")):
+            return f"entry {i} is not {{video_id, key, split, label}} with string ids"
+    return None
+
+
 def load_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CacheError(f"{path}: not a cache (folder does not exist)")
@@ -72,6 +86,10 @@ def load_manifest(path: Path) -> dict[str, Any]:
         raise CacheError(f"{path}: not a cache (no {MANIFEST})") from None
     if not isinstance(manifest, dict) or not {"format", "spec", "fingerprint", "backend"} <= set(manifest):
         raise CacheError(f"{path / MANIFEST}: not a cache manifest (missing format/spec/fingerprint/backend)")
+    for key, kind in (("format", int), ("spec", dict), ("fingerprint", str), ("backend", str)):
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            raise CacheError(f"{path / MANIFEST}: '{key}' must be {_KINDS[kind]}, not {type(manifest[key]).__name__} "
+                             "(edited by hand?); restore it, or re-extract into a new folder")
     if manifest["format"] > FORMAT:
         raise CacheError(f"{path}: cache format {manifest['format']} is newer than this tool's ({FORMAT})")
     try:
@@ -153,8 +171,9 @@ class CacheReader:
                 return (f"{self.path / MANIFEST}: fingerprint {self.fingerprint} does not match its own spec ({own}): "
                         "the manifest was edited; re-extract into a new folder")
         index = self._index()
-        if not isinstance(index, dict) or not isinstance(index.get("videos"), list):
-            return f"{self.path / INDEX}: missing or not an index; run `ahcli cache verify`"
+        problem = "missing" if index is None else index_problem(index)
+        if problem:
+            return f"{self.path / INDEX}: {problem}; run `ahcli cache verify`, then `ahcli extract` to rewrite it"
         indexed = {e.get("video_id"): e.get("split") for e in index["videos"] if isinstance(e, dict)}
         on_disk = set(self.video_ids(split))
         want = {v for v, s in indexed.items() if split is None or s == split}
@@ -188,6 +207,10 @@ class CacheReader:
 
     def meta(self, video_id: str) -> dict[str, Any]:
         return self._attrs(video_id)["meta"]
+
+    def inputs(self, video_id: str) -> dict[str, Any] | None:
+        """The input signature the unit was written with (extract/inputs.py); None for older units."""
+        return self._attrs(video_id).get("inputs")
 
     def _attrs(self, video_id: str) -> dict[str, Any]:
         try:
@@ -241,16 +264,21 @@ class CacheReader:
             for p in sorted(folder.glob("*.json")):
                 if not p.name.startswith("."):
                     try:
-                        out.append(json.loads(p.read_text(encoding="utf-8")))
+                        entry = json.loads(p.read_text(encoding="utf-8"))
                     except (OSError, ValueError):
-                        out.append({"video_id": p.stem, "split": None, "message": f"unreadable error file {p}"})
+                        entry = None
+                    if not isinstance(entry, dict) or not isinstance(entry.get("video_id"), str):
+                        entry = {"video_id": p.stem, "split": None, "message": f"unreadable error file {p}"}
+                    out.append(entry)
         return sorted(out, key=lambda e: str(e.get("video_id")))
 
     # -- content identity
     def _video_digest(self, video_id: str, deep: bool) -> dict[str, Any]:
         attrs = self._attrs(video_id)
         decl = attrs["arrays"]
-        if deep:
+        # The digest is sha256 of the content whatever checksum a unit declares (older units declare sha256,
+        # newer ones crc32c): `deep=False` can trust only a declared sha256, so crc32c units are read.
+        if deep or not all(isinstance(d.get("sha256"), str) for d in decl.values()):
             arrays = self.backend.read_arrays(attrs["_path"], sorted(decl))
             shas = {n: array_sha256(a) for n, a in arrays.items()}
             shapes = {n: [list(a.shape), str(a.dtype)] for n, a in arrays.items()}
@@ -263,7 +291,8 @@ class CacheReader:
     def digest(self, deep: bool = True) -> str:
         """sha256 over every complete video in video_id order: canonical metadata JSON and each array's
         name, dtype, shape and bytes. Content only: zarr and hdf5 caches of one extraction agree.
-        `deep=False` trusts the per-array checksums stored at write time (fast; `verify` checks them)."""
+        `deep=False` trusts the per-array sha256 stored at write time by older units (fast; `verify` checks
+        them); units that declare CRC32C are read and hashed either way."""
         h = hashlib.sha256()
         for v in self.video_ids():
             h.update(canonical_json(self._video_digest(v, deep)))
@@ -296,8 +325,11 @@ class CacheReader:
         self._meta_cache = None
         metas = self._metas()
         index = self._index()
-        by_key = {e.get("key"): e.get("video_id") for e in (index or {}).get("videos", [])}
         out = []
+        if index is not None and (problem := index_problem(index)):
+            out.append({"video_id": INDEX, "problem": f"{problem} (edited by hand?); `ahcli extract` rewrites it"})
+            index = None
+        by_key = {e["key"]: e["video_id"] for e in (index or {}).get("videos", [])}
         for key, err in sorted(self._unreadable.items()):
             out.append({"video_id": by_key.get(key) or key, "problem": f"unreadable unit ({err})"})
         expected = expected_arrays(self.spec)

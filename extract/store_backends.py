@@ -7,6 +7,7 @@ owns `path` outright.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -70,23 +71,31 @@ class ZarrBackend:
     suffix = ".zarr"
 
     def write_unit(self, path: Path, attrs: dict[str, Any], arrays: dict[str, np.ndarray], compress: bool) -> None:
-        import zarr
+        from zarr.core.sync import sync
+
+        # All arrays at once through zarr's event loop: a unit is ~20 small files, and their writes overlap.
+        sync(self._write(path, attrs, arrays, compress))
+        fsync_tree(path)                # all files at once: about one journal commit per unit
+
+    async def _write(self, path: Path, attrs: dict[str, Any], arrays: dict[str, np.ndarray], compress: bool) -> None:
+        import zarr.api.asynchronous as azarr
         from zarr.storage import LocalStore
 
-        group = zarr.open_group(store=LocalStore(path), mode="w", zarr_format=3, attributes={ATTR: attrs})
-        for name, arr in arrays.items():
-            parent, _, leaf = name.rpartition("/")
-            where = group.require_group(parent) if parent else group
+        group = await azarr.open_group(store=LocalStore(path), mode="w", zarr_format=3, attributes={ATTR: attrs})
+        await asyncio.gather(*(group.require_group(p) for p in sorted({n.rpartition("/")[0] for n in arrays} - {""})))
+
+        async def write_array(name: str, arr: np.ndarray) -> None:
             # write_empty_chunks: every chunk file exists, so a deleted chunk is a visible fault, not zeros.
-            out = where.create_array(
-                leaf, shape=arr.shape, dtype=arr.dtype, chunks=_chunks(name, arr.shape),
+            out = await group.create_array(
+                name, shape=arr.shape, dtype=arr.dtype, chunks=_chunks(name, arr.shape),
                 compressors="auto" if compress else None, fill_value=0,
                 config={"write_empty_chunks": True},
             )
             if arr.size:
-                out[...] = arr
+                await out.setitem(Ellipsis, arr)
             fault_point("unit_array")
-        fsync_tree(path)
+
+        await asyncio.gather(*(write_array(n, a) for n, a in arrays.items()))
 
     def _open(self, path: Path):
         import zarr
@@ -129,7 +138,9 @@ class HDF5Backend:
         with h5py.File(path, "w", locking=False) as f:
             f.attrs[ATTR] = json.dumps(attrs, sort_keys=True)
             for name, arr in arrays.items():
-                chunks = _chunks(name, arr.shape) if (name.startswith("video/") or compress) and arr.size else None
+                # Uncompressed: contiguous datasets (one window is still one contiguous slice to read, and
+                # they write ~3x faster than chunked ones); compressed: one chunk per window.
+                chunks = _chunks(name, arr.shape) if compress and arr.size else None
                 f.create_dataset(name, data=arr, chunks=chunks, compression="gzip" if compress and arr.size else None)
                 fault_point("unit_array")
         fsync_path(path)

@@ -11,7 +11,7 @@ Quirks included: ids with a space instead of '_' between date and time (~1 in 5)
 suffix, raw commas in transcripts, a null last chunk end (most videos), a Whisper-style timestamp restart
 (the last chunk restarts from 0 in about half the videos), more than 10 frames per video (numeric sort
 matters), fps 24/25/30, a few videos shorter than 16 frames, some audio at 44.1 kHz stereo, participant-
-disjoint splits, private split lines both with the placeholder label (`id,0,text`) and without (`id,text`).
+disjoint splits, private split lines with the placeholder label (`id,0,text`) on every line, as in BAH.
 
 PLANTED SIGNAL (the rule the labels follow; deterministic given the seed):
   * face valence F in {0, 1}, drawn at random per video. F=1: warm, bright face crops (orange/beige) with a
@@ -412,9 +412,8 @@ def _write_lists(data: Path, priv: Path, plans: list[_Plan], texts: dict[str, st
     if private_rows:
         (priv / "split").mkdir(parents=True, exist_ok=True)
         with open(priv / "split" / "test.txt", "w", encoding="utf-8", newline="\n") as fh:
-            for p in private_rows:  # both styles of the private file: placeholder label, and no label column
-                fh.write(f"{p.video_id},0,{texts[p.video_id]}\n" if p.private_style == 0
-                         else f"{p.video_id},{texts[p.video_id]}\n")
+            # the real file's style: a placeholder label on every line (the reader decides the style per file)
+            fh.writelines(f"{p.video_id},0,{texts[p.video_id]}\n" for p in private_rows)
     public = [p for p in plans if p.split != "private"]
     with open(data / "meta_data.yml", "w", encoding="utf-8") as fh:
         yaml.safe_dump(_meta(sorted({p.pid for p in public}), seed), fh, sort_keys=False, allow_unicode=True)

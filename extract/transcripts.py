@@ -1,6 +1,7 @@
 """Whisper transcripts of BAH (YAML with timed chunks) and the safe YAML loader every BAH file is read with."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -9,6 +10,9 @@ from extract.errors import AHError
 from extract.files import read_yaml
 
 MAX_TRANSCRIPT_BYTES = 4 * 1024 * 1024  # a Whisper transcript of a 20-minute video is ~30 kB
+# A rebuilt timeline may overrun the media a little (Whisper pads its last window); one past twice the
+# duration plus a minute belongs to another recording or is garbage.
+ABSURD_FACTOR, ABSURD_MARGIN_S = 2.0, 60.0
 
 
 class BahError(AHError):
@@ -84,4 +88,13 @@ def parse_transcript(path: Path, duration: float) -> tuple[str, list[TranscriptC
             raw.append((str(chunk.get("text") or ""), float(start), None if end is None else float(end)))
         except (KeyError, TypeError, ValueError) as exc:
             raise BahError(f"{path}: chunk {i} has no valid (start, end) timestamp") from exc
-    return text.strip(), monotonic_chunks(raw, duration)
+        if not all(math.isfinite(t) and t >= 0 for t in raw[-1][1:] if t is not None):
+            raise BahError(f"{path}: chunk {i} has a negative or non-finite timestamp {ts!r}")
+    chunks_out = monotonic_chunks(raw, duration)
+    limit = ABSURD_FACTOR * duration + ABSURD_MARGIN_S
+    late = next((i for i, c in enumerate(chunks_out) if duration > 0 and (c.end or c.start) > limit), None)
+    if late is not None:
+        c = chunks_out[late]
+        raise BahError(f"{path}: chunk {late} ends at {c.end or c.start:.1f} s on the rebuilt timeline, but the media "
+                       f"lasts {duration:.1f} s: the timestamps are not this video's (fix or re-run the transcription)")
+    return text.strip(), chunks_out

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from extract.errors import AHError
+from extract.precision import PRECISIONS
 from extract.spec import dataclass_from_mapping
 from extract.vocab import LAST, PREFIX, TEXT_SOURCES, modality_letters, parse_modalities
 
@@ -109,6 +110,9 @@ class TrainConfig:
     text_source: str = "full"        # 'full' transcript or 'window'-aligned transcript
     layer: str = LAST                # cached layer the heads read
     amp: bool = True                 # bf16 autocast on CUDA (never on the CPU)
+    # 'auto' (amp decides: bf16 on CUDA, fp32 on the CPU), 'bf16', 'fp16' (with a loss scaler) or 'fp32';
+    # explicit half precision on the CPU is refused when training starts (extract/precision.py)
+    precision: str = "auto"
     eval_batch_size: int = 64        # (video, window) samples per evaluation forward
     device: str = "auto"             # where to train; not part of a run's identity
     unfreeze_top: int = 0            # top encoder blocks trained too (0: heads only); reads the 'prefix' layer
@@ -135,6 +139,7 @@ class TrainConfig:
             (self.text_source in TEXT_SOURCES, f"text_source must be one of {', '.join(TEXT_SOURCES)}"),
             (_pos_weight_ok(self.pos_weight), "pos_weight must be 'train', 'train+val' or a positive number"),
             (self.eval_windows >= 0, "eval_windows must be >= 0"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.unfreeze_top >= 0, "unfreeze_top must be >= 0"),
             (self.encoder_lr_scale > 0, "encoder_lr_scale must be > 0"),
             (self.checkpoint_seconds >= 0, "checkpoint_seconds must be >= 0"),
@@ -157,6 +162,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "train config") -> "TrainConfig":
         return dataclass_from_dict(cls, data, where)
+
+    @property
+    def amp_mode(self) -> str | bool:
+        """What heads.infer.autocast takes: the explicit precision, else amp (True: bf16 on CUDA)."""
+        return self.amp if self.precision == "auto" else self.precision
 
     @property
     def input_layer(self) -> str:

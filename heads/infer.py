@@ -12,7 +12,6 @@ cache's own window starts (ahflows/raw_media.py). `layers_needed(run)` says whic
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -20,14 +19,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from extract.precision import autocast_context
 from extract.store import CacheReader
 from extract.vocab import LAST, MODALITIES, PREFIX
-from heads.data import SplitData
+from heads.split_data import SplitData
 from heads.metrics import bah_metrics
 from heads.model import blend
 from heads.run_files import RunError, unit_interval
 from heads.runs import Run
 from heads.topblocks import cache_prefix_problem, data_has_prefix
+from heads.uncertainty import bootstrap_intervals
 
 
 @dataclass
@@ -46,14 +47,13 @@ class MediaSource(Protocol):
     """Runs a fine-tuned run's encoders on the raw media of a split (see the module doc)."""
 
     def window_logits(self, core: torch.nn.Module, data: SplitData, *, windows: int | None, text_source: str,
-                      batch_size: int, amp: bool) -> WindowLogits: ...
+                      batch_size: int, amp: bool | str) -> WindowLogits: ...
 
 
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when asked; never on the CPU (keeps CPU runs exact and deterministic)."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(device: torch.device, amp: bool | str):
+    """Autocast as `amp` says (TrainConfig.amp_mode): True = bf16 on CUDA, False = fp32, or a precision name
+    (extract/precision.py); never on the CPU (keeps CPU runs exact and deterministic)."""
+    return autocast_context(amp, device)
 
 
 def per_video_modalities(modalities: Sequence[str], text_source: str) -> list[str]:
@@ -72,12 +72,15 @@ def window_logits(
     text_source: str = "full",
     batch_size: int = 64,
     device: torch.device | str | None = None,
-    amp: bool = True,
+    amp: bool | str = True,
+    span: int | None = None,
 ) -> WindowLogits:
     """Logits of every (video, window) pair for the first `windows` windows (None/0: all cached).
-    `model` is anything with `window_forward(tokens, windows, per_video)`; `layer` the cached layer it reads."""
+    `model` is anything with `window_forward(tokens, windows, per_video)`; `layer` the cached layer it reads.
+    `span` fixes the windows per video (default: from `data`), e.g. for a chunk of a streamed split."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     w = data.max_windows if not windows else min(int(windows), data.max_windows)
+    w = w if span is None else int(span)
     n = len(data)
     rows = torch.arange(n, device=data.device).repeat_interleave(w)
     wins = torch.arange(w, device=data.device).repeat(n)
@@ -150,9 +153,10 @@ def run_window_logits(run: Run, data: SplitData, windows: int | None = None, bat
         if run.media is None:
             raise _no_prefix(run, f"the {data.split!r} data")
         return run.media.window_logits(run.model, data, windows=windows, text_source=cfg.text_source,
-                                       batch_size=batch_size, amp=cfg.amp)
+                                       batch_size=batch_size, amp=cfg.amp_mode)
     return window_logits(run.model, data, windows=windows, modalities=run.model_config.present,
-                         layer=cfg.input_layer, text_source=cfg.text_source, batch_size=batch_size, amp=cfg.amp)
+                         layer=cfg.input_layer, text_source=cfg.text_source, batch_size=batch_size,
+                         amp=cfg.amp_mode)
 
 
 def _no_prefix(run: Run, what: str) -> RunError:
@@ -185,15 +189,27 @@ def predict_split(run: Run, data: SplitData, windows: int | None = 5, alpha: flo
 
 
 def evaluate_split(run: Run, data: SplitData, windows: int | None = 5, alpha: float | None = None,
-                   threshold: float | None = None, device: str | torch.device | None = None) -> dict:
-    """Metrics of a run on a labelled split at the run's threshold (or `threshold`)."""
+                   threshold: float | None = None, device: str | torch.device | None = None,
+                   groups: Sequence[str] | None = None, calibrated: bool = True) -> dict:
+    """Metrics of a run on a labelled split at the run's threshold (or `threshold`); with `groups` (the
+    participant of each video, heads.uncertainty.participant_ids) also their bootstrap 95% intervals. A run
+    with a calibration.json is scored on its calibrated probabilities at the threshold re-tuned on them
+    (unless `calibrated` is False)."""
     ids, probs, labels = predict_split(run, data, windows=windows, alpha=alpha, device=device)
-    t = run.threshold if threshold is None else unit_interval("threshold", threshold)
+    cal = run.calibration if calibrated else None
+    if cal is not None:
+        probs = cal.apply(probs)
+    default_t = run.threshold if cal is None else cal.threshold
+    t = default_t if threshold is None else unit_interval("threshold", threshold)
     keep = ~np.isnan(labels)
     used = data.max_windows if not windows else min(int(windows), data.max_windows)
     a = (run.alpha if alpha is None else float(alpha)) if run.model_config.has_text else 0.0
     out = {"split": data.split, "videos": len(ids), "labelled": int(keep.sum()), "threshold": t,
-           "alpha": a, "windows": used, "metrics": None}
+           "alpha": a, "windows": used, "metrics": None,
+           "temperature": None if cal is None else cal.temperature}
     if keep.any():
         out["metrics"] = bah_metrics(labels[keep], probs=probs[keep], threshold=t)
+        if groups is not None:
+            out["intervals"] = bootstrap_intervals(labels[keep], probs[keep], t,
+                                                   [g for g, k in zip(groups, keep) if k])
     return out

@@ -10,6 +10,8 @@ A probability is predicted positive when p >= threshold, everywhere in this proj
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import accuracy_score, auc, confusion_matrix, f1_score
 
@@ -98,11 +100,21 @@ def macro_f1_at(probs, labels, ths: np.ndarray) -> np.ndarray:
     return (f1(tp, fp, fn) + f1(tn, fn, fp)) / 2
 
 
+class OneClassWarning(UserWarning):
+    """A threshold tuned on labels of one class: every threshold scores alike, so the value means nothing."""
+
+
 def sweep_threshold(probs, labels, lo: float = 0.25, hi: float = 0.75, step: float = 0.01) -> tuple[float, float]:
     """The threshold in [lo, hi] (step `step`) with the best Macro F1, and that F1.
 
-    Ties go to the lowest threshold (the first maximum in increasing order).
+    Ties go to the lowest threshold (the first maximum in increasing order). Labels of one class only give a
+    OneClassWarning (the CLI prints it as one `warning:` line).
     """
+    y = _as_labels(labels)
+    if len(y) and y.min() == y.max():
+        warnings.warn(f"the decision threshold is tuned on {len(y)} labelled video(s) of class {int(y[0])} only: "
+                      "every threshold scores alike there, so the tuned value is arbitrary; give the val split "
+                      "videos of both classes", OneClassWarning, stacklevel=2)
     ths = thresholds(lo, hi, step)
     f1s = macro_f1_at(probs, labels, ths)
     best = int(np.argmax(f1s))       # argmax returns the first maximum

@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from extract.errors import AHError
 from extract.store import CacheReader
+from heads.calibration import Calibration, load_calibration
 from heads.config import ConfigError, ModelConfig, TrainConfig
 from heads.model import ConflictAwareModel
 from heads.run_files import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunError, check_fingerprint, load_tensors,
@@ -35,6 +36,8 @@ class Run:
     media: Any = None
     # Whether the cache given to load_run holds the prefix states the top blocks read (None: not checked).
     prefix_cached: bool | None = None
+    # Temperature scaling fitted on val (RUN/calibration.json, heads/calibration.py), or None.
+    calibration: Calibration | None = None
 
     @property
     def fingerprint(self) -> str | None:
@@ -82,7 +85,8 @@ def load_run(run_dir: str | Path, cache: CacheReader | None = None, device: str 
     tensors, _ = load_tensors(weights_path)
     model = ConflictAwareModel(model_cfg)
     load_weights(model, tensors, str(weights_path))
-    run = Run(run_dir, model, model_cfg, train_cfg, threshold, alpha, metrics, cache_info, cfg)
+    run = Run(run_dir, model, model_cfg, train_cfg, threshold, alpha, metrics, cache_info, cfg,
+              calibration=load_calibration(run_dir))
     if train_cfg.unfreeze_top:
         _attach_tops(run)
         if cache is not None:

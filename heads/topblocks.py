@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from extract.errors import AHError
 from extract.spec import ExtractionSpec, SpecError, spec_from_dict
 from extract.vocab import MODALITIES, PREFIX
-from heads.data import SplitData
+from heads.split_data import SplitData
 from heads.model import ConflictAwareModel
 from heads.run_files import RunError, load_tensors, load_weights, save_tensors
 from heads.tokens import Tokens

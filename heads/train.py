@@ -40,16 +40,20 @@ from torch import Tensor, nn
 from extract.devices import resolve_device
 from extract.files import atomic_write_json
 from extract.locks import folder_lock
+from extract.precision import grad_scaler
+from extract.vocab import PREFIX
 from heads import run_files as rf
 from heads.config import ConfigError, ModelConfig, TrainConfig
-from heads.data import SplitData
 from heads.host_memory import keep_freed_memory
 from heads.infer import WindowLogits, autocast, window_logits
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.model import build_model
 from heads.resume import Checkpointer, SnapshotBuffers, check_out_folder, finalize, prepare_out, restore
-from heads.topblocks import TopBlocksHeads, data_has_prefix, head_model_of, tops_of
+from heads.split_data import SplitData
+from heads.stream import StreamSplit
+from heads.topblocks import TopBlocksHeads, head_model_of, tops_of
 from heads.train_state import EpochRecord, TrainingStopped, TrainProgress, TrainResult, TrainState
+from heads.uncertainty import bootstrap_intervals, participants_of_cache
 
 # ---- pieces ----------------------------------------------------------------------------------------
 
@@ -150,11 +154,12 @@ class Learner:
     val_logits: Callable[[nn.Module], WindowLogits]
     train_labels: Tensor                  # (N,) labels of the training samples (pos_weight, step count)
     val_labels: Tensor                    # (N,) val labels, NaN = unlabelled
+    val_groups: list[str] | None = None   # (N,) participant of each val video (bootstrap unit); None: the video
 
 
 def train_heads(
-    train: SplitData,
-    val: SplitData,
+    train: SplitData | StreamSplit,
+    val: SplitData | StreamSplit,
     model_cfg: ModelConfig,
     cfg: TrainConfig,
     out: str | Path | None = None,
@@ -169,10 +174,11 @@ def train_heads(
     With cfg.unfreeze_top = n the top n blocks of each encoder (`tops`, with config.json's `encoders` section:
     ahflows.checkpoint_a.cached_tops builds both from the encoders' weights) are trained too, from the
     cached 'prefix' states (the splits must be loaded with layers including 'prefix').
+    Either split may be a StreamSplit (heads/stream.py): read from the cache as the epoch goes, same numbers.
     """
     device = resolve_device(cfg.device)
     layer = cfg.input_layer
-    if cfg.text_source == "window" and model_cfg.has_text and layer not in train.text_window:
+    if cfg.text_source == "window" and model_cfg.has_text and not train.has_window_text(layer):
         raise ConfigError("text_source 'window': the cache holds no window-aligned transcripts"
                           + (" for the 'prefix' layer" if cfg.unfreeze_top else ""))
     labelled = train.labelled()
@@ -189,28 +195,28 @@ def train_heads(
         order = labelled.cpu()[torch.randperm(labelled.numel(), generator=g)]
         n_win = train.n_windows.cpu()[order]
         windows = (torch.rand(order.numel(), generator=g, dtype=torch.float64) * n_win).long().clamp(max=n_win - 1)
-        order, windows = order.to(train.device), windows.to(train.device)
-        size = cfg.batch_size * cfg.accum
-        for s in range(0, order.numel(), size):       # a group as ONE forward (see accumulation_weights)
-            yield [train.batch(order[s : s + size], windows[s : s + size], modalities=model_cfg.present,
-                               layer=layer, text_source=cfg.text_source, device=device)]
+        size = cfg.batch_size * cfg.accum             # a group as ONE forward (see accumulation_weights)
+        for batch in train.batches(order, windows, size, modalities=model_cfg.present, layer=layer,
+                                   text_source=cfg.text_source, device=device):
+            yield [batch]
 
     def val_logits(m: nn.Module) -> WindowLogits:
-        return window_logits(m, val, windows=cfg.eval_windows or None, modalities=model_cfg.present, layer=layer,
-                             text_source=cfg.text_source, batch_size=cfg.eval_batch_size, device=device,
-                             amp=cfg.amp)
+        kw = dict(windows=cfg.eval_windows or None, modalities=model_cfg.present, layer=layer,
+                  text_source=cfg.text_source, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp_mode)
+        return val.window_logits(m, **kw) if isinstance(val, StreamSplit) else window_logits(m, val, **kw)
 
-    learner = Learner(model, lambda b: model(b.tokens), groups, val_logits, train.labels, val.labels)
+    learner = Learner(model, lambda b: model(b.tokens), groups, val_logits, train.labels, val.labels,
+                      participants_of_cache(loop.get("cache"), val.video_ids))
     return fit(learner, model_cfg, cfg, out, encoders=encoders, **loop)
 
 
-def _with_tops(heads: nn.Module, tops: nn.ModuleDict | None, train: SplitData, val: SplitData,
-               cfg: TrainConfig) -> TopBlocksHeads:
+def _with_tops(heads: nn.Module, tops: nn.ModuleDict | None, train: SplitData | StreamSplit,
+               val: SplitData | StreamSplit, cfg: TrainConfig) -> TopBlocksHeads:
     """The cached fast path's model: the encoders' top blocks + the heads, over the splits' prefix states."""
     if tops is None:
         raise ConfigError(f"--unfreeze-top {cfg.unfreeze_top}: no top encoder blocks given to train")
     for data in (train, val):
-        if not data_has_prefix(data, heads.cfg.present, cfg.text_source):
+        if not all(data.has_layer(m, PREFIX, cfg.text_source) for m in heads.cfg.present):
             raise ConfigError(f"--unfreeze-top: split {data.split!r} was loaded without the 'prefix' layer "
                               "(load it with layers including 'prefix')")
     return TopBlocksHeads(tops, heads)
@@ -264,8 +270,10 @@ def _fit(learner: Learner, model_cfg: ModelConfig, cfg: TrainConfig, out: Path |
         keep_freed_memory()
     model = learner.model.to(device)
     opt, sched = _optimizer(model, cfg, n_train, device)
+    scaler = grad_scaler(cfg.amp_mode, device)      # active for fp16 only; refuses half precision on the CPU
     st = TrainState()
     best_weights: dict[str, Tensor] | None = None
+    best_probs: np.ndarray | None = None        # the best epoch's val probabilities (for the intervals)
 
     config_json = rf.make_config(model_cfg, cfg, cache, extra, encoders=encoders, parameters=parameter_counts(model))
     if out is not None:
@@ -288,10 +296,11 @@ def _fit(learner: Learner, model_cfg: ModelConfig, cfg: TrainConfig, out: Path |
             while st.epoch < cfg.epochs and not stopped_early:
                 epoch = st.epoch + 1
                 t0 = time.perf_counter()
-                train_loss = _train_epoch(learner, opt, sched, n_train, cfg, epoch, pw, w, device, on_step)
-                rec, val_metrics = _validate(learner.val_logits(model), learner.val_labels, cfg, pw, w, alpha,
-                                             epoch, train_loss, sched.get_last_lr()[0])
+                train_loss = _train_epoch(learner, opt, sched, n_train, cfg, epoch, pw, w, device, on_step, scaler)
+                rec, val_metrics, val_probs = _validate(learner.val_logits(model), learner.val_labels, cfg, pw, w,
+                                                        alpha, epoch, train_loss, sched.get_last_lr()[0])
                 if st.record(rec, val_metrics):
+                    best_probs = val_probs
                     if writer is not None:
                         writer.wait()                  # the best buffers may still be being written
                     best_weights = best_bufs.capture(model.state_dict())
@@ -325,12 +334,25 @@ def _fit(learner: Learner, model_cfg: ModelConfig, cfg: TrainConfig, out: Path |
     result = TrainResult(model, model_cfg, cfg, st.best_epoch, st.best_threshold, st.best_metrics, history,
                          stopped_early, st.seconds, completed=not interrupted, videos=videos)
     if out is not None and not interrupted:
+        result.intervals = {"val": _val_intervals(learner, model, alpha, best_probs, st.best_threshold)}
         finalize(out, result)
     return result
 
 
+def _val_intervals(learner: Learner, model: nn.Module, alpha: float, probs: np.ndarray | None,
+                   threshold: float) -> dict:
+    """Participant-bootstrap 95% intervals of the best epoch's labelled val metrics (heads/uncertainty.py)."""
+    keep = ~torch.isnan(learner.val_labels.cpu()).numpy()
+    if probs is None:                         # best epoch before a resume: score val once more
+        probs = learner.val_logits(model).probs(alpha).numpy().astype(np.float64)[keep]
+    groups = learner.val_groups or [f"video:{i}" for i in range(len(keep))]
+    return bootstrap_intervals(learner.val_labels.cpu().numpy()[keep], probs, threshold,
+                               [g for g, k in zip(groups, keep) if k])
+
+
 def _train_epoch(learner: Learner, opt, sched, n: int, cfg: TrainConfig, epoch: int, pw: Tensor, w: float,
-                 device: torch.device, on_step: Callable[[int, int], None] | None) -> float:
+                 device: torch.device, on_step: Callable[[int, int], None] | None,
+                 scaler: torch.amp.GradScaler | None = None) -> float:
     g = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 0))
     groups = iter(learner.groups(epoch, g))
     torch.manual_seed(epoch_seed(cfg.seed, epoch, 1))          # dropout
@@ -342,14 +364,19 @@ def _train_epoch(learner: Learner, opt, sched, n: int, cfg: TrainConfig, epoch: 
         weights = accumulation_weights(k, cfg.batch_size, device)
         at = 0
         for mb in group:
-            with autocast(device, cfg.amp):
+            with autocast(device, cfg.amp_mode):
                 l_full, l_text = learner.forward(mb)
             y = mb.labels.to(device)
             per = joint_loss(l_full, l_text, y, pw, cfg.label_smoothing, w, reduction="none")
-            (per * weights[at : at + y.numel()]).sum().backward()
+            loss = (per * weights[at : at + y.numel()]).sum()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             at += y.numel()
             total += per.detach().double().sum()
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)                          # fp16: skips a step whose gradients overflowed
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if on_step is not None:
@@ -372,7 +399,7 @@ def accumulation_weights(k: int, batch_size: int, device: torch.device | str = "
 
 
 def _validate(wl: WindowLogits, val_labels: Tensor, cfg: TrainConfig, pw: Tensor, w: float, alpha: float,
-              epoch: int, train_loss: float, lr: float) -> tuple[EpochRecord, dict]:
+              epoch: int, train_loss: float, lr: float) -> tuple[EpochRecord, dict, np.ndarray]:
     keep = ~torch.isnan(val_labels.cpu())
     y = val_labels.cpu()[keep]
     valid = wl.valid[keep]
@@ -384,4 +411,4 @@ def _validate(wl: WindowLogits, val_labels: Tensor, cfg: TrainConfig, pw: Tensor
     t, _ = sweep_threshold(probs, labels, cfg.threshold_lo, cfg.threshold_hi, cfg.threshold_step)
     m = bah_metrics(labels, probs=probs, threshold=t)
     rec = EpochRecord(epoch, train_loss, val_loss, m["macro_f1"], m["f1_ah"], m["f1_noah"], t, float(lr))
-    return rec, m
+    return rec, m, probs

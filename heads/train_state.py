@@ -36,6 +36,8 @@ class TrainResult:
     completed: bool = True                # False when stopped by `stop_after` or a callback
     # Per split: videos used / videos its split file lists (extract.listing.Coverage.counts), when known.
     videos: dict[str, Any] | None = None
+    # Participant-bootstrap intervals per split ({"val": heads.uncertainty.bootstrap_intervals(...)}), when made.
+    intervals: dict[str, Any] | None = None
 
     def metrics_record(self) -> dict[str, Any]:
         alpha = self.train_config.alpha if self.model_config.has_text else 0.0
@@ -44,6 +46,8 @@ class TrainResult:
                "stopped_early": self.stopped_early, "val": self.val_metrics, "seconds": round(self.seconds, 3)}
         if self.videos is not None:
             rec["videos"] = self.videos
+        if self.intervals is not None:
+            rec["intervals"] = self.intervals
         return rec
 
 

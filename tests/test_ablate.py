@@ -32,13 +32,20 @@ def full(cache, tmp_path_factory):
     """One full ablation with 2 seeds, counting trainings and split loads."""
     import ahflows.ablate
     import ahflows.checkpoint_a
+    import heads.stacked
 
-    calls = {"train": 0, "load": []}
+    calls = {"train": 0, "load": [], "stacked": 0}
     real_train, real_load = ahflows.checkpoint_a.train_heads, ahflows.ablate.load_split
+    real_stacked = heads.stacked.train_stacked
 
     def train(*a, **k):
         calls["train"] += 1
         return real_train(*a, **k)
+
+    def stacked(train, val, model_cfg, cfgs, **k):       # a training's seeds in one pass: one model each
+        calls["train"] += len(cfgs)
+        calls["stacked"] += 1
+        return real_stacked(train, val, model_cfg, cfgs, **k)
 
     def load(reader, split, *a, **k):
         calls["load"].append(split)
@@ -46,6 +53,7 @@ def full(cache, tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(ahflows.checkpoint_a, "train_heads", train)
+    mp.setattr(heads.stacked, "train_stacked", stacked)
     mp.setattr(ahflows.ablate, "load_split", load)
     try:
         from ahflows.ablate import run_ablation
@@ -93,6 +101,7 @@ def test_splits_loaded_once_and_inference_variants_not_retrained(full):
     assert sorted(calls["load"]) == ["test", "train", "val"]
     # per seed: 7 modality subsets + no conflict + window-aligned text + checkpoint B
     assert calls["train"] == 2 * 10
+    assert calls["stacked"] == 10, "each training's two seeds in one stacked pass"
     rows = full["res"].rows
     get = {(r.table, r.config, r.split, r.seed): r for r in rows}
     for seed in (0, 1):
@@ -159,6 +168,60 @@ def test_cli_quick_ablation(cache, tmp_path):
     assert "modality=vat" in res.stdout and "full model vs best single modality" in res.output
     log = [json.loads(line) for line in (out / "trainings.jsonl").read_text().splitlines()]
     assert [r["name"] for r in log] == ["v", "a", "t", "vat"]
+
+
+def test_unfreeze_top_is_refused_in_one_line_on_a_cache_without_prefix(cache, tmp_path):
+    from ahflows.ablate import AblationError, run_ablation
+
+    with pytest.raises(AblationError) as err:
+        run_ablation(cache, tmp_path / "u", seeds=1, base=BASE, unfreeze_top=2)
+    msg = str(err.value)
+    assert "\n" not in msg and "--unfreeze-top 2" in msg and "prefix" in msg and str(cache) in msg
+    assert not (tmp_path / "u").exists(), "refused before the ablation folder is made"
+    with pytest.raises(AblationError, match="--only-seed 0: must lie in 3..4"):
+        run_ablation(cache, tmp_path / "u", seeds=2, base=BASE, seed_offset=3, only_seed=0)
+
+
+def test_unfreeze_top_trains_every_variant_from_a_prefix_cache(report_run_case, tmp_path):
+    """`ablate --unfreeze-top 2 --seeds 1` (the acceptance line), with the demo's other options and a seed
+    offset: every table is written, every variant but checkpoint B trained its top 2 blocks."""
+    import ahflows.checkpoint_a
+    from ahcli.app import app
+
+    cfgs = []
+    real = ahflows.checkpoint_a.train_heads
+
+    def spy(train, val, mcfg, tcfg, *a, **k):
+        cfgs.append((mcfg.modalities, mcfg.conflict, mcfg.ffn_width, tcfg))
+        return real(train, val, mcfg, tcfg, *a, **k)
+
+    out = tmp_path / "top2"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ahflows.checkpoint_a, "train_heads", spy)
+    try:
+        res = CliRunner().invoke(app, [
+            "ablate", str(report_run_case.cache), str(out), "--seeds", "1", "--seed-offset", "4", "--unfreeze-top",
+            "2", "--epochs", "1", "--dim", "8", "--head-hidden", "8", "--ffn-hidden", "12", "--lr", "1e-3",
+            "--text-weight", "0.1", "--label-smoothing", "0.05", "--batch-size", "8", "--accum", "1",
+            "--device", "cpu"])
+    finally:
+        mp.undo()
+    assert res.exit_code == 0, res.output
+    rows = _csv(out / "ablation.csv")
+    tables = {(r["table"], r["config"]) for r in rows if r["seed"] == "4"}
+    assert {c for t, c in tables if t == "5"} == T5 and {c for t, c in tables if t == "6"} == T6
+    assert {"no_conflict", "alpha=0.6"} <= {c for t, c in tables if t == "4"}
+    assert {r["seed"] for r in rows} == {"4", "mean"}
+    b = [c for c in cfgs if c[3].label_smoothing == 0.1]
+    others = [c for c in cfgs if c[3].label_smoothing != 0.1]
+    assert len(b) == 1 and b[0][3].unfreeze_top == 0, "checkpoint B stays frozen"
+    assert {c[0] for c in others} >= {"v", "a", "t", "va", "vt", "at", "vat"}
+    for _, _, ffn, t in others:
+        assert (t.unfreeze_top, t.label_smoothing, t.text_weight, t.seed) == (2, 0.05, 0.1, 4)
+        assert ffn == 12
+    assert [c for c in cfgs if not c[1]], "the no-conflict variant was trained"
+    md = (out / "ablation.md").read_text()
+    assert "Every variant trained with the top-2 encoder blocks unfrozen" in md and "n = 1" in md
 
 
 # ---- acceptance: on a synthetic tree the full model beats every single modality -----------------------

@@ -80,13 +80,7 @@ def test_split_parsing_maxsplit_bom_crlf_and_private_styles(tmp_path):
         ("split/train.txt", "CRLF line endings (read as LF)", False)]
     assert [(l.video_id, l.label, l.transcript) for l in lines] == [
         ("Videos/1/Visite_1/a b.mp4", 1, "well, I think, so"), ("Videos/1/Visite_1/c.mp4", 0, "")]
-    q = tmp_path / "split" / "test.txt"
-    q.write_text("Videos/2/Visite_1/x.mp4,0,yes, sure\nVideos/2/Visite_1/y.mp4,so, well, no\nVideos/2/Visite_1/z.mp4\n")
-    lines, problems = read_split_file(q, private=True, split="private")
-    assert problems == []
-    assert [(l.video_id, l.label, l.transcript) for l in lines] == [
-        ("Videos/2/Visite_1/x.mp4", None, "yes, sure"), ("Videos/2/Visite_1/y.mp4", None, "so, well, no"),
-        ("Videos/2/Visite_1/z.mp4", None, "")]
+    # private styles (decided once per file): tests/test_split_files.py
 
 
 def test_split_lines_with_bad_label_and_non_utf8(tmp_path):

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from ahbench.extraction import SPEC, InstantEncoders
+from ahbench.extraction import SPEC, InstantEncoders, host_vs_bound
 from ahbench.run import goals_rows, render_markdown
 from extract.run import PHASES, ExtractOptions, ExtractSummary, extract, phase_report
 from extract.spec import load_spec
@@ -126,3 +126,35 @@ def test_bah_sized_cache_module_writes_a_tree_and_a_full_size_cache(tmp_path):
     reader = CacheReader(tmp_path / "cache")
     assert reader.verify() == [] and len(reader.video_ids("private")) == 1
     assert reader.window(reader.video_ids()[0], "video/last", 0).shape == (1568, 768)
+
+
+def _io_result(zarr_ratio: float, host_clips_per_s: float) -> dict:
+    r = cpu_result(11.0)
+    ratio = {"threads": 2, "videos": 12, "ratio_one_thread": 0.5, "cache_GBps_one_thread": 0.1, "disk_GBps_one_thread": 0.2}
+    r["cache"] = {"zarr": {"write_GBps": 0.26, "read_GBps": 1.0}, "hdf5": {"write_GBps": 0.3, "read_GBps": 2.0},
+                  "write_vs_disk": {"zarr": ratio | {"ratio": zarr_ratio, "cache_GBps": 0.26, "disk_GBps": 0.3},
+                                    "hdf5": ratio | {"ratio": 0.9, "cache_GBps": 0.27, "disk_GBps": 0.3}}}
+    host = {"workers": 2, "frames_per_clip": 16, "cache_bytes": 26e6, "clips": 10, "clips_per_s": host_clips_per_s}
+    r["extraction"] = {"host_vs_bound": host_vs_bound(host, {"face_jpegs_per_s_per_worker": 800.0}, r["cache"])}
+    return r
+
+
+def test_host_bound_is_the_slower_of_decoding_and_cache_writes_and_both_goals_get_rows(tmp_path):
+    r = _io_result(0.85, 90.0)
+    hvb = r["extraction"]["host_vs_bound"]
+    # decoding: 800 JPEG/s x 2 workers / 16 frames = 100 clips/s; writes: 0.26 GB/s / 2.6 MB = 100 clips/s
+    assert hvb["decode_bound_clips_per_s"] == 100.0 and abs(hvb["write_bound_clips_per_s"] - 100.0) < 1e-9
+    assert abs(hvb["ratio"] - 0.9) < 1e-9
+    rows = {g: (v, ok) for g, v, ok in goals_rows(r)}
+    cache_goal = "cache writes >= 0.8 of plain writes of the same bytes (fsync per video), zarr and hdf5"
+    host_goal = "extraction host side (instant encoders) >= 0.8 of min(face decoding, cache writes)"
+    assert rows[cache_goal][1] == "yes"
+    assert "zarr 0.85 (2 videos in flight; over all 12: 0.26 vs 0.30 GB/s)" in rows[cache_goal][0]
+    assert rows[host_goal] == ("0.90: 90.0 clips/s vs decoding 100.0 (800 JPEG/s x 2 workers) and zarr writes "
+                               "100.0 clips/s (0.26 GB/s, 2.6 MB per clip)", "yes")
+    slow = {g: ok for g, _, ok in goals_rows(_io_result(0.7, 70.0))}
+    assert slow[cache_goal] == "no" and slow[host_goal] == "no"
+    (tmp_path / "cpu-2cores-quick.json").write_text(json.dumps(r))
+    md = render_markdown(tmp_path)
+    assert f"| {cache_goal} |" in md and "| cache zarr write / read | 0.26 / 1.00 GB/s |" in md
+    assert "write_vs_disk" not in md

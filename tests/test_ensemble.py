@@ -97,7 +97,13 @@ def test_ensemble_files_average_and_val_tuned_threshold(case, tmp_path):
     rec = run_ensemble(case["runs"], case["cache"], out, windows=2)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(rec))
-    assert set(on_disk) == {"threshold", "val", "test", "runs", "cache_fingerprint", "videos"}
+    assert set(on_disk) == {"threshold", "val", "test", "runs", "cache_fingerprint", "videos", "intervals"}
+    for split in ("val", "test"):              # participant-bootstrap intervals around the reported numbers
+        iv = on_disk["intervals"][split]
+        assert iv["unit"] == "participant" and iv["resamples"] == 1000
+        for k in ("macro_f1", "f1_ah", "f1_noah", "ap"):
+            assert iv[k]["low"] <= iv[k]["value"] <= iv[k]["high"]
+        assert iv["macro_f1"]["value"] == pytest.approx(on_disk[split]["macro_f1"])
     assert on_disk["videos"]["test"] == {"scored": SIZES["test"], "listed": SIZES["test"], "missing": []}
     assert set(on_disk["test"]) >= {"macro_f1", "f1_ah", "f1_noah", "ap", "accuracy"}
     assert on_disk["cache_fingerprint"] == case["reader"].fingerprint

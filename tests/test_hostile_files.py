@@ -75,6 +75,24 @@ def test_an_invalid_timestamp_tag_is_one_problem_of_that_file(tmp_path):
         parse_transcript(path, 10.0)
 
 
+@pytest.mark.parametrize("stamp,problem", [("[-3.0, 2.0]", "negative or non-finite"),
+                                           ("[.nan, 2.0]", "negative or non-finite"),
+                                           ("[1.0, .inf]", "negative or non-finite"),
+                                           ("[0.0, 1.0e9]", "the media lasts 10.0 s")])
+def test_absurd_transcript_timestamps_are_a_problem_of_that_file(tmp_path, stamp, problem):
+    path = tmp_path / "t.yml"
+    path.write_text(f"text: hi\nchunks:\n- {{text: hi, timestamp: {stamp}}}\n")
+    with pytest.raises(BahError, match=f"t.yml: .*{problem}"):
+        parse_transcript(path, 10.0)
+
+
+def test_a_timeline_that_overruns_the_media_a_little_is_read(tmp_path):
+    path = tmp_path / "t.yml"
+    path.write_text("text: hi there\nchunks:\n- {text: hi, timestamp: [0.0, 6.0]}\n"
+                    "- {text: there, timestamp: [6.0, 12.5]}\n")
+    assert parse_transcript(path, 10.0)[1][-1].end == 12.5
+
+
 def test_tiny_encoders_never_overwrite_a_users_folder(tmp_path):
     from extract.errors import AHError
     from extract.tiny_encoders import write_tiny_encoders

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
+from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pytest
 
+import ahcli.app as cli
+from extract.files import json_text
 from heads.data import load_split
 from heads.infer import evaluate_split
+from heads.metrics import OneClassWarning, sweep_threshold
 from heads.run_files import RunError
 from heads.runs import load_run
 
@@ -48,3 +54,35 @@ def test_evaluate_refuses_a_nan_or_out_of_range_value(report_run_case, kw):
     data = load_split(CacheReader(report_run_case.cache), "val", device="cpu")
     with pytest.raises(RunError, match="must be a number in \\[0, 1\\]"):
         evaluate_split(run, data, **kw)
+
+
+def test_json_on_stdout_is_valid_json_even_with_undefined_numbers():
+    text = json_text({"ap": float("nan"), "rows": [np.float32("inf"), np.float64(0.25), 3], "path": PurePosixPath("a/b")})
+    parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON output"))
+    assert parsed == {"ap": None, "rows": [None, 0.25, 3], "path": "a/b"}
+
+
+def test_every_json_line_of_the_cli_goes_through_json_text():
+    """A bare json.dumps on stdout would print NaN for an undefined metric (not JSON)."""
+    offenders = [f"{p}:{i}" for p in sorted((Path(__file__).parents[1] / "ahcli").glob("*.py"))
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if "json.dumps(" in line and ("echo(" in line or "print(" in line)]
+    assert not offenders, offenders
+
+
+def test_a_threshold_tuned_on_one_class_warns():
+    with pytest.warns(OneClassWarning, match="tuned on 3 labelled video\\(s\\) of class 0 only"):
+        sweep_threshold(np.array([0.1, 0.6, 0.9]), np.array([0, 0, 0]))
+
+
+def test_the_cli_prints_a_warning_as_one_line_on_stderr(monkeypatch, capsys):
+    def command() -> None:
+        warnings.warn("the decision threshold is tuned on one class", OneClassWarning)
+
+    monkeypatch.setattr(cli, "app", command)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)   # restored after the test
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        cli.main()
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "warning: the decision threshold is tuned on one class"

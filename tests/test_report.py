@@ -11,10 +11,12 @@ from typer.testing import CliRunner
 
 from ahflows.ablation_table import Row, write_csv
 from ahflows.plots import plot_ablation_bars
+from ahflows.plots import Figures
 from ahflows.report import PNG_SIGNATURE, ReportError, is_png, linked_files, read_ablation, write_report
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+PNG = Figures(("png",))          # what these tests check; PDF and SVG (the default) are checked once below
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +50,7 @@ def _check_report(folder: Path, expected_pngs: set[str]) -> str:
 
 def test_run_report_writes_valid_pngs_and_scores(case, tmp_path):
     run = _copy_run(case.run_b, tmp_path / "B")
-    res = write_report(run, cache=case.cache, device="cpu")
+    res = write_report(run, cache=case.cache, device="cpu", figures=PNG)
     assert res.kind == "run"
     text = _check_report(run, {"curves.png", "threshold.png", "confusion_val.png", "confusion_test.png", "pr.png"})
     metrics = json.loads((run / "metrics.json").read_text())
@@ -70,7 +72,7 @@ def test_run_report_without_cache_says_so(case, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     cfg["cache"]["path"] = str(tmp_path / "gone")
     (run / "config.json").write_text(json.dumps(cfg))
-    res = write_report(run, device="cpu")
+    res = write_report(run, device="cpu", figures=PNG)
     assert [p.name for p in res.images] == ["curves.png"]
     assert any("--cache" in n for n in res.notes)
     _check_report(run, {"curves.png"})
@@ -81,7 +83,7 @@ def test_ensemble_report_reads_predictions_and_members(case, tmp_path):
 
     ens = tmp_path / "ens"
     shutil.copytree(case.ensemble, ens)
-    res = write_report(ens, preface=["SYNTHETIC NOTE"])
+    res = write_report(ens, preface=["SYNTHETIC NOTE"], figures=PNG)
     assert res.kind == "ensemble"
     text = _check_report(ens, {"threshold.png", "confusion_val.png", "confusion_test.png", "pr.png"})
     assert text.splitlines()[2] == "SYNTHETIC NOTE"
@@ -111,7 +113,7 @@ def _ablation_csv(path: Path) -> None:
 def test_read_ablation_keeps_aggregated_test_rows(tmp_path):
     _ablation_csv(tmp_path / "ablation.csv")
     rows = read_ablation(tmp_path / "ablation.csv")
-    modal = [r for r in rows if r.table.startswith("Table 5")]
+    modal = [r for r in rows if "by modality subset" in r.table]
     assert [r.setting for r in modal] == ["v", "a", "t", "vat"]
     assert all("test split" in r.table for r in rows)
     vat = modal[-1]
@@ -124,9 +126,12 @@ def test_ablation_report_bar_charts(tmp_path):
     res = write_report(tmp_path)
     assert res.kind == "ablation"
     assert len(res.images) == 2                              # table 5 (modality subsets) first, then table 6
-    assert "table-5" in res.images[0].name
+    assert "modality-subset" in res.images[0].name
     text = _check_report(tmp_path, {p.name for p in res.images})
-    assert "| vat | 0.8000 ± 0.0800 |" in text
+    assert "| vat | 0.8000 ± 0.0800 |" in text and "| n = 2 |" in text and "the paper's Table 5" in text
+    for img in res.images:                                   # PNG plus vector PDF and SVG by default
+        assert img.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
+        assert b"<svg" in img.with_suffix(".svg").read_bytes()[:2000]
 
 
 def test_ablation_report_from_run_ablation(case, tmp_path):
@@ -136,10 +141,16 @@ def test_ablation_report_from_run_ablation(case, tmp_path):
     run_ablation(case.cache, out, seeds=1, quick=True, windows=5, device="cpu",
                  base={"dim": 16, "head_hidden": 16, "epochs": 2, "patience": 2, "lr": 3e-3, "batch_size": 8,
                        "accum": 1})
-    res = write_report(out)
+    res = write_report(out, figures=PNG)
     text = _check_report(out, {p.name for p in res.images})
     for setting in ("| v |", "| a |", "| t |", "| vat |"):
         assert setting in text
+    # one seed: the std of one value is undefined, so no "± 0.000" anywhere, and n = 1 said instead
+    for name in ("report.md", "ablation.md", "ablation.tex"):
+        body = (out / name).read_text(encoding="utf-8")
+        assert "± 0.000" not in body and "pm$ 0.000" not in body, name
+        assert "n = 1" in body or "& 1 \\\\" in body, name
+    assert "\\toprule" in (out / "ablation.tex").read_text() and "\\bottomrule" in (out / "ablation.tex").read_text()
 
 
 def test_bar_chart_is_a_png(tmp_path):
@@ -167,9 +178,82 @@ def test_cli_report(case, tmp_path):
     from ahcli.app import app
 
     run = _copy_run(case.run_b, tmp_path / "B")
-    res = CliRunner().invoke(app, ["report", str(run), "--cache", str(case.cache), "--device", "cpu"])
+    res = CliRunner().invoke(app, ["report", str(run), "--cache", str(case.cache), "--device", "cpu", "--format", "png"])
     assert res.exit_code == 0, res.output
-    assert re.search(r"run report: .*report\.md \(5 PNG plots\)", res.output.replace("\n", ""))
+    assert re.search(r"run report: .*report\.md \(5 figures as PNG\)", res.output.replace("\n", ""))
+    (tmp_path / "abl").mkdir()
+    _ablation_csv(tmp_path / "abl" / "ablation.csv")
+    only = CliRunner().invoke(app, ["report", str(tmp_path / "abl"), "--format", "svg", "--dpi", "50", "--json"])
+    assert only.exit_code == 0, only.output
+    files = json.loads(only.stdout)["files"]
+    assert len(files) == 2 and all(f.endswith(".svg") for f in files)
+    assert ".svg)" in (tmp_path / "abl" / "report.md").read_text()
     bad = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
     assert bad.exit_code != 0
     assert "folder not found" in str(bad.exception)
+
+
+# ---- figures for a paper ------------------------------------------------------------------------------
+
+
+def _preds(seed: int = 0, n: int = 40):
+    import numpy as np
+
+    from ahflows.plots import SplitPredictions
+
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(float)
+    p = np.clip(0.5 * y + 0.5 * rng.random(n), 0, 1)
+    return SplitPredictions("test", p, y)
+
+
+def test_pr_curve_drawn_is_the_one_whose_area_is_the_legend_ap():
+    from sklearn.metrics import auc
+
+    from ahflows.plots import organisers_pr_curve
+    from heads.metrics import average_precision
+
+    pred = _preds()
+    recall, precision = organisers_pr_curve(pred.probs, pred.labels)
+    assert len(recall) == 1000
+    assert auc(recall, precision) == pytest.approx(average_precision(pred.probs, pred.labels), abs=1e-12)
+
+
+def test_confusion_plot_uses_the_normalisation_of_metrics_json():
+    import numpy as np
+
+    from ahflows.plots import confusion
+    from heads.metrics import bah_metrics
+
+    pred = _preds(1)
+    share, counts = confusion(pred, 0.6)
+    assert np.allclose(share, bah_metrics(pred.labels, probs=pred.probs, threshold=0.6)["confusion"], atol=1e-6)
+    assert counts.sum() == len(pred.labels) and np.allclose(share.sum(axis=1), 1)
+
+
+def test_one_seed_bars_have_no_error_bars_and_formats_are_checked(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from ahflows.plots import AblationRow, FigureError, Figures
+
+    seen = []
+    real = Axes.bar
+
+    def bar(self, *a, **k):
+        seen.append(k.get("yerr"))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Axes, "bar", bar)
+    one = [AblationRow("t", s, {"macro_f1": 0.6, "f1_ah": 0.5, "f1_noah": 0.7}, {"macro_f1": 0.0}, 1) for s in "vat"]
+    png = plot_ablation_bars(one, tmp_path / "one.png", "title", Figures(("png",), dpi=40))
+    assert seen and all(y is None for y in seen) and is_png(png) and not png.with_suffix(".pdf").exists()
+    seen.clear()
+    three = [AblationRow("t", s, {"macro_f1": 0.6}, {"macro_f1": 0.05}, 3) for s in "vat"]
+    plot_ablation_bars(three, tmp_path / "three.png", "title", Figures(("png",), dpi=40))
+    assert seen and all(y == [0.05, 0.05, 0.05] for y in seen)
+    assert Figures.parse("PNG, svg,png").formats == ("png", "svg")
+    for bad in ("png,gif", ""):
+        with pytest.raises(FigureError, match="--format"):
+            Figures.parse(bad)
+    with pytest.raises(FigureError, match="--dpi"):
+        Figures.parse("png", 0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract.record import array_sha256
+from extract.record import array_checksum, declared_checksum
 from extract.store import CacheReader
 from heads.data import DataError, load_split
 
@@ -37,7 +37,9 @@ def _plant_nan(cache: Path, video_id: str, key: str = "video/last", fix_checksum
     if fix_checksum:
         doc = json.loads((unit / "zarr.json").read_text())
         attrs = doc["attributes"][next(iter(doc["attributes"]))]
-        attrs["arrays"][key]["sha256"] = array_sha256(values)
+        decl = attrs["arrays"][key]
+        algorithm = declared_checksum(decl)[0]                 # crc32c (sha256 in older units)
+        decl[algorithm] = array_checksum(values, algorithm)
         (unit / "zarr.json").write_text(json.dumps(doc))
 
 

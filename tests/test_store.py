@@ -19,7 +19,7 @@ from extract.spec import ExtractionSpec, WindowSpec
 from extract.cache_writer import CacheWriter
 from extract.files import host
 from extract.provenance import provenance
-from extract.record import VideoRecord, array_sha256, video_key
+from extract.record import VideoRecord, all_finite, array_sha256, video_key
 from extract.store import CacheError, CacheReader
 from extract.store_backends import get_backend
 
@@ -406,7 +406,11 @@ def _flip_byte(unit: Path, backend: str) -> None:
         path, offset = unit / "video" / "last" / "c" / "1" / "0" / "0", 7
     else:
         with h5py.File(unit, "r") as f:
-            offset = f["video/last"].id.get_chunk_info(1).byte_offset + 7
+            ds = f["video/last"]
+            if ds.chunks:       # compressed units and older caches: one chunk per window
+                offset = ds.id.get_chunk_info(1).byte_offset + 7
+            else:               # uncompressed: one contiguous block, window 1 right after window 0
+                offset = ds.id.get_offset() + ds[0].nbytes + 7
         path = unit
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x40
@@ -488,6 +492,52 @@ def test_verify_catches_nan_and_declared_shape_mismatch(tmp_path, backend):
     assert any("NaN" in p["problem"] for p in problems if p["video_id"] == IDS[2])
     assert any("metadata says" in p["problem"] for p in problems if p["video_id"] == IDS[1])
     assert not w.is_complete(IDS[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_crc32c_units_catch_a_flipped_byte_and_older_sha256_units_still_verify(tmp_path, backend):
+    """New units declare a CRC32C per array; a unit written before it (sha256) reads, verifies and hashes
+    into the same digest; a flipped byte is caught under either; a declaration with neither is named."""
+    recs = records()
+    w = fill(tmp_path / "c", make_spec(backend), recs)
+    new = CacheReader(tmp_path / "c")
+    digest = new.digest()
+    attrs = get_backend(backend).read_attrs(unit_of(tmp_path / "c", IDS[0]))
+    assert all(set(d) == {"dtype", "shape", "crc32c"} for d in attrs["arrays"].values())
+    # Rewrite IDS[0] the way a format-2 writer did: same arrays, sha256 declared.
+    unit = unit_of(tmp_path / "c", IDS[0])
+    arrays = get_backend(backend).read_arrays(unit, sorted(attrs["arrays"]))
+    old = {**attrs, "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape), "sha256": array_sha256(a)}
+                               for n, a in arrays.items()}}
+    shutil.rmtree(unit) if unit.is_dir() else unit.unlink()
+    get_backend(backend).write_unit(unit, old, arrays, False)
+    mixed = CacheReader(tmp_path / "c")
+    assert mixed.verify() == [] and w.is_complete(IDS[0])
+    assert mixed.digest() == mixed.digest(deep=False) == digest == new.digest(deep=False)
+    for video_id in (IDS[0], IDS[3]):                     # the sha256 unit, then a crc32c unit
+        _flip_byte(unit_of(tmp_path / "c", video_id), backend)
+    problems = CacheReader(tmp_path / "c").verify()
+    assert {p["video_id"] for p in problems} == {IDS[0], IDS[3]}
+    mismatch = "video/last: checksum mismatch (altered or flipped bytes)"
+    assert {p["video_id"] for p in problems if p["problem"] == mismatch} == {IDS[0], IDS[3]}
+    _set_attr_meta(unit_of(tmp_path / "c", IDS[1]), backend, lambda a: a["arrays"]["audio/last"].pop("crc32c"))
+    problems = [p["problem"] for p in CacheReader(tmp_path / "c").verify() if p["video_id"] == IDS[1]]
+    assert problems == ["audio/last: metadata declares no checksum (known: crc32c, sha256)"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_all_finite_finds_every_nan_and_inf_and_passes_extremes(dtype):
+    x = np.random.default_rng(0).standard_normal(2_100_000).astype(dtype)   # past one 1M-item slice
+    info = np.finfo(dtype)
+    x[:4] = [info.max, -info.max, info.tiny, -0.0]
+    assert all_finite(x) and all_finite(x.reshape(700, 3000)[:, ::7]) and all_finite(x.byteswap().view(
+        x.dtype.newbyteorder()))
+    for bad in (np.nan, np.inf, -np.inf):
+        for at in (0, 1_048_575, 1_048_576, len(x) - 1):
+            y = x.copy()
+            y[at] = bad
+            assert not all_finite(y), (bad, at)
+    assert all_finite(np.zeros(0, dtype)) and all_finite(np.arange(5))
 
 
 # -------------------------------------------------------------------------------- concurrency

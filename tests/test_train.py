@@ -301,7 +301,7 @@ def test_load_split_from_a_real_cache(cache_dir):
 
 
 def test_load_split_refuses_a_split_larger_than_the_available_memory_before_reading(cache_dir, monkeypatch):
-    import heads.data
+    import heads.load
     import heads.host_memory
     from extract.store import CacheReader
 
@@ -317,11 +317,11 @@ def test_load_split_refuses_a_split_larger_than_the_available_memory_before_read
     assert (heads.host_memory.available_bytes() or 1) > 0
     reads, record = [], CacheReader.record
     monkeypatch.setattr(CacheReader, "record", lambda self, *a, **k: reads.append(a) or record(self, *a, **k))
-    monkeypatch.setattr(heads.data, "available_bytes", lambda: need - 1)
+    monkeypatch.setattr(heads.load, "available_bytes", lambda: need - 1)
     with pytest.raises(DataError, match=r"the train split needs 0\.0 GB of memory and 0\.0 GB is available"):
         load_split(reader, "train", device="cpu")
     assert reads == []                                      # refused before reading a single video
-    monkeypatch.setattr(heads.data, "available_bytes", lambda: need)
+    monkeypatch.setattr(heads.load, "available_bytes", lambda: need)
     assert len(load_split(reader, "train", device="cpu")) == len(ids) == len(reads)
 
 
