@@ -93,6 +93,19 @@ class SplitScores:
         return ~np.isnan(self.labels)
 
 
+def scored_splits(reader: CacheReader, allow_partial: bool, without_val: str) -> tuple[list[str], dict]:
+    """The cache's splits and their coverage; refuses a cache without val (`without_val` says what fails) and a
+    partial val/test split unless `allow_partial`."""
+    splits = cache_splits(reader)
+    if "val" not in splits:
+        raise EnsembleError(f"{reader.path}: the cache holds no val split: {without_val}")
+    coverage = {s: split_coverage(reader, s) for s in splits}
+    for s in SCORED:
+        if s in coverage:
+            require_complete(coverage[s], str(reader.path), allow_partial)
+    return splits, coverage
+
+
 def cache_splits(reader: CacheReader) -> list[str]:
     present = {reader.meta(v)["split"] for v in reader.video_ids()}
     return [s for s in SPLITS if s in present] + sorted(present - set(SPLITS))
@@ -198,13 +211,7 @@ def run_ensemble(
     order = private_order(reader, private_split_file(data_root, private_root), template, trial)
     if order is not None:
         check_missing(order, allow_missing)               # before any work: refuse early
-    splits = cache_splits(reader)
-    if "val" not in splits:
-        raise EnsembleError(f"{cache}: the cache holds no val split: the threshold cannot be tuned")
-    coverage = {s: split_coverage(reader, s) for s in splits}
-    for s in SCORED:
-        if s in coverage:
-            require_complete(coverage[s], str(cache), allow_partial)
+    splits, coverage = scored_splits(reader, allow_partial, "the threshold cannot be tuned")
     with folder_lock(out, "ensemble folder"):
         scores = score_splits(reader, loaded, splits, windows, device, on_split, should_stop)
         if scores is None:

@@ -36,14 +36,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ahflows.checkpoint_a import train_from_cache
-from ahflows.ensemble import (SCORED, EnsembleError, SplitScores, cache_splits, check_out_folder, load_runs,
-                              score_splits, split_intervals, write_ensemble)
+from ahflows.ensemble import (SplitScores, check_out_folder, load_runs, score_splits, scored_splits, split_intervals,
+                              write_ensemble)
 from ahflows.selection import Selection, greedy_select
 from ahflows.submission import check_missing, private_order, private_split_file, quantise
 from extract.devices import resolve_device
 from extract.errors import AHError
 from extract.files import atomic_write_json, atomic_write_text, read_json_object, read_yaml, refuse_foreign_folder
-from extract.listing import require_complete, split_coverage
+from extract.listing import split_coverage
 from extract.locks import folder_lock
 from extract.stopping import never
 from extract.store import CacheReader
@@ -360,13 +360,7 @@ def _select(reader: CacheReader, out: Path, points: Sequence[Point], res: SweepR
     order = private_order(reader, private_split_file(data_root, private_root))
     if order is not None:
         check_missing(order, allow_missing)
-    splits = cache_splits(reader)
-    if "val" not in splits:
-        raise EnsembleError(f"{reader.path}: the cache holds no val split: the ensemble cannot be selected")
-    coverage = {s: split_coverage(reader, s) for s in splits}
-    for s in SCORED:
-        if s in coverage:
-            require_complete(coverage[s], str(reader.path), allow_partial)
+    splits, coverage = scored_splits(reader, allow_partial, "the ensemble cannot be selected")
     scores = score_splits(reader, loaded, [s for s in splits if s != "train"], windows, device, on_split,
                           should_stop)
     if scores is None:
