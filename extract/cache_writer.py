@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import numpy as np
 from extract.faults import fault_point
 from extract.files import atomic_write_json, fsync_path, owner_dead, remove, tmp_name
 from extract.locks import LOCK_FILE
-from extract.record import CHECKSUM, LENGTHS, VideoRecord, array_checksum, check_record, expected_arrays, video_key
+from extract.record import (CHECKSUM, LENGTHS, VideoRecord, array_checksum, check_record, expected_arrays, nonfinite,
+                            video_key)
 from extract.spec import ExtractionSpec
 from extract.store import (ERRORS, FORMAT, INDEX, MANIFEST, VIDEOS, CacheError, CacheReader, fingerprint_mismatch,
                            load_manifest, unit_problems)
@@ -22,6 +24,19 @@ from extract.vocab import SEGMENTS
 
 
 PUBLISH_TRIES = 5
+_scan_threads: ThreadPoolExecutor | None = None
+
+
+def _scan_pool() -> ThreadPoolExecutor:
+    global _scan_threads
+    if _scan_threads is None:
+        _scan_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scan")
+    return _scan_threads
+
+
+def _scan(arrays: dict[str, np.ndarray]) -> tuple[list[str], dict[str, str]]:
+    """The NaN/Inf problems and the checksum of every array (both release the GIL on large arrays)."""
+    return nonfinite(arrays), {n: array_checksum(a) for n, a in arrays.items()}
 
 
 class CacheWriter:
@@ -126,21 +141,31 @@ class CacheWriter:
     def write(self, record: VideoRecord) -> None:
         """Store one video atomically (temporary unit renamed into place); replaces an older unit."""
         meta = record.meta()
-        arrays = {name: self._cast(name, a) for name, a in record.arrays.items()}
-        problems = check_record(meta, arrays, self.spec.dtype, self._expected)
+        arrays = {name: self._cast(name, a) for name, a in sorted(record.arrays.items())}
+        problems = check_record(meta, arrays, self.spec.dtype, self._expected, values=False)
         if problems:
             raise CacheError(f"{record.video_id}: cannot cache this video: {'; '.join(problems)}")
-        attrs = {
-            "format": FORMAT, "fingerprint": self.fingerprint, "meta": meta,
-            "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape), CHECKSUM: array_checksum(a)}
-                       for n, a in sorted(arrays.items())},
-            "written_by": self.provenance, "inputs": dict(record.inputs),
-        }
+        # The two passes over every value (NaN/Inf, checksums) run while the backend writes the arrays; the
+        # attribute document that needs them is written last.
+        scan = _scan_pool().submit(_scan, arrays)
+
+        def attrs() -> dict[str, Any]:
+            bad, checksums = scan.result()
+            if bad:
+                raise CacheError(f"{record.video_id}: cannot cache this video: {'; '.join(bad)}")
+            return {
+                "format": FORMAT, "fingerprint": self.fingerprint, "meta": meta,
+                "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape), CHECKSUM: checksums[n]}
+                           for n, a in arrays.items()},
+                "written_by": self.provenance, "inputs": dict(record.inputs),
+            }
+
         final = self.unit_path(record.video_id)
         tmp = final.parent / tmp_name("tmp", final.name)
         try:
-            self.backend.write_unit(tmp, attrs, dict(sorted(arrays.items())), self.spec.compress)
+            self.backend.write_unit(tmp, attrs, arrays, self.spec.compress)
         except BaseException:
+            scan.cancel()
             remove(tmp)
             raise
         fault_point("unit_written")

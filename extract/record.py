@@ -128,8 +128,9 @@ def expected_arrays(spec: dict[str, Any]) -> list[str]:
 
 
 def check_record(meta: dict[str, Any], arrays: dict[str, np.ndarray], dtype: str,
-                 expected: Sequence[str] | None) -> list[str]:
-    """Every way the metadata and arrays of one video can be inconsistent, as short phrases."""
+                 expected: Sequence[str] | None, values: bool = True) -> list[str]:
+    """Every way the metadata and arrays of one video can be inconsistent, as short phrases. `values=False`
+    leaves out the one check that reads every value (NaN/Inf, see `nonfinite`)."""
     problems = []
     n_windows = len(meta.get("window_starts") or [])
     if n_windows < 1:
@@ -179,9 +180,12 @@ def check_record(meta: dict[str, Any], arrays: dict[str, np.ndarray], dtype: str
             full = arrays.get("text/" + name.split("/", 1)[1])
             if full is not None and full.ndim == 2 and full.shape[1] != arr.shape[1]:
                 problems.append(f"{name}: width {arr.shape[1]} differs from the full text's {full.shape[1]}")
-        if arr.dtype.kind == "f" and arr.size and not all_finite(arr):
-            problems.append(f"{name}: contains NaN or Inf")
-    return problems
+    return problems + (nonfinite(arrays) if values else [])
+
+
+def nonfinite(arrays: dict[str, np.ndarray]) -> list[str]:
+    return [f"{name}: contains NaN or Inf" for name, arr in sorted(arrays.items())
+            if arr.dtype.kind == "f" and arr.size and not all_finite(arr)]
 
 
 def check_declared(attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[str]:

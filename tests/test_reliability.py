@@ -124,8 +124,7 @@ def _unit(cache: Path, video_id: str) -> Path:
 def _flip_byte(unit: Path, backend: str, name: str) -> None:
     """Flip one bit in the stored data of array `name` (not in the container's bookkeeping)."""
     if backend == "zarr":
-        path = sorted((unit / name / "c").rglob("*"), key=str)
-        path = next(p for p in path if p.is_file())
+        path = next(p for p in sorted((unit / name).rglob("*"), key=str) if p.is_file() and p.name != "zarr.json")
         offset = path.stat().st_size // 2
     else:
         with h5py.File(unit, "r") as f:
@@ -142,7 +141,7 @@ def _flip_byte(unit: Path, backend: str, name: str) -> None:
 
 
 def _truncate_chunk(unit: Path, backend: str) -> None:
-    path = unit / "video" / "last" / "c" / "0" / "0" / "0" if backend == "zarr" else unit
+    path = unit / "video" / "last" / "c.0.0.0" if backend == "zarr" else unit
     path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
 
 

@@ -141,7 +141,7 @@ def test_leftover_tmp_unit_ignored_by_reader_and_cleaned_by_writer(tmp_path, bac
     rec = records()[1]
     # A writer killed mid-unit leaves a temporary unit (here: complete bytes, never renamed).
     dead = cache / "videos" / f".tmp.{dead_pid()}.{host()}.deadbeef.{video_key(rec.video_id)}{be.suffix}"
-    be.write_unit(dead, {"meta": rec.meta()}, {"video/last": rec.arrays["video/last"]}, False)
+    be.write_unit(dead, lambda: {"meta": rec.meta()}, {"video/last": rec.arrays["video/last"]}, False)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         alive = cache / "videos" / f".tmp.{sleeper.pid}.{host()}.cafe0000.x{be.suffix}"
@@ -163,7 +163,7 @@ def test_is_complete_only_for_units_that_load(tmp_path, backend):
     w = fill(cache, make_spec(backend), records()[:2], seal=False)
     assert w.is_complete(IDS[0]) and not w.is_complete(IDS[2])
     unit = unit_of(cache, IDS[0])
-    victim = unit if unit.is_file() else unit / "video" / "last" / "c" / "0" / "0" / "0"
+    victim = unit if unit.is_file() else unit / "video" / "last" / "c.0.0.0"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     assert not w.is_complete(IDS[0])
     # The cheap check trusts the rename and metadata (a truncated HDF5 file loses even that); the default does not.
@@ -403,7 +403,7 @@ def test_digest_equal_across_backends_and_stable(tmp_path, dtype):
 def _flip_byte(unit: Path, backend: str) -> None:
     """Flip one byte inside window 1 of video/last (the data, not the container's bookkeeping)."""
     if backend == "zarr":
-        path, offset = unit / "video" / "last" / "c" / "1" / "0" / "0", 7
+        path, offset = unit / "video" / "last" / "c.1.0.0", 7
     else:
         with h5py.File(unit, "r") as f:
             ds = f["video/last"]
@@ -456,7 +456,7 @@ def test_verify_catches_truncated_chunk_and_repair_by_discard(tmp_path, backend)
     cache = tmp_path / "c"
     w = fill(cache, make_spec(backend), records())
     unit = unit_of(cache, IDS[3])
-    victim = unit if backend == "hdf5" else unit / "text" / "last" / "c" / "0" / "0"
+    victim = unit if backend == "hdf5" else unit / "text" / "last" / "c.0.0"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size - 5])
     problems = CacheReader(cache).verify()
     assert [p["video_id"] for p in problems] == [IDS[3]]
@@ -485,7 +485,7 @@ def test_verify_catches_nan_and_declared_shape_mismatch(tmp_path, backend):
     attrs = {"format": 1, "fingerprint": spec.fingerprint(), "meta": rec.meta(),
              "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape), "sha256": array_sha256(a)}
                         for n, a in arrays.items()}}
-    be.write_unit(w.unit_path(rec.video_id), attrs, arrays, False)
+    be.write_unit(w.unit_path(rec.video_id), lambda: attrs, arrays, False)
     _set_attr_meta(unit_of(cache, IDS[1]), backend, lambda a: a["arrays"]["text/last"].__setitem__("shape", [1, 1]))
     problems = CacheReader(cache).verify()
     assert {p["video_id"] for p in problems} == {IDS[1], IDS[2]}
@@ -510,7 +510,7 @@ def test_crc32c_units_catch_a_flipped_byte_and_older_sha256_units_still_verify(t
     old = {**attrs, "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape), "sha256": array_sha256(a)}
                                for n, a in arrays.items()}}
     shutil.rmtree(unit) if unit.is_dir() else unit.unlink()
-    get_backend(backend).write_unit(unit, old, arrays, False)
+    get_backend(backend).write_unit(unit, lambda: old, arrays, False)
     mixed = CacheReader(tmp_path / "c")
     assert mixed.verify() == [] and w.is_complete(IDS[0])
     assert mixed.digest() == mixed.digest(deep=False) == digest == new.digest(deep=False)
