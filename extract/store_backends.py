@@ -8,7 +8,6 @@ owns `path` outright.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ import numpy as np
 
 from extract.faults import fault_point
 from extract.files import fsync_path, fsync_tree, write_all
+from extract.zarr_raw import CHUNK_KEYS, group_doc, raw_layout, read_raw, write_json, write_raw, writes_raw
 
 ATTR = "ah"  # the single attribute holding the unit's JSON document
 Attrs = Callable[[], dict[str, Any]]
@@ -70,78 +70,18 @@ def _list(folder: Path, suffix: str) -> dict[str, Path]:
     return out
 
 
-# Chunk files as `c.0.0.0` beside the array's zarr.json: one folder per array, not one per chunk index.
-_CHUNK_KEYS = {"name": "default", "configuration": {"separator": "."}}
-_RAW_TYPES = {"float16", "float32", "float64", "int64"}
-
-
-def _array_doc(arr: np.ndarray, chunks: tuple[int, ...]) -> dict[str, Any]:
-    """The zarr v3 metadata (zarr.json) of an uncompressed array, exactly as zarr-python writes it
-    (tests/test_zarr_direct.py compares the two)."""
-    return {
-        "shape": list(arr.shape), "data_type": str(arr.dtype),
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-        "chunk_key_encoding": _CHUNK_KEYS, "fill_value": 0.0 if arr.dtype.kind == "f" else 0,
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
-        "attributes": {}, "zarr_format": 3, "node_type": "array", "storage_transformers": [],
-    }
-
-
-def _group_doc(attributes: dict[str, Any]) -> dict[str, Any]:
-    return {"attributes": attributes, "zarr_format": 3, "node_type": "group"}
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-
-
-def _writes_raw(arrays: dict[str, np.ndarray], compress: bool) -> bool:
-    """Whether every array can be stored as its in-memory bytes: uncompressed, little-endian, a known type."""
-    return not compress and np.little_endian and all(
-        str(a.dtype) in _RAW_TYPES and a.dtype.byteorder in "=<" for a in arrays.values())
-
-
-def _write_raw(path: Path, attrs: Attrs, arrays: dict[str, np.ndarray]) -> None:
-    """A unit of uncompressed arrays in the zarr v3 format, written without zarr-python. Its write path costs
-    ~40 ms per BAH video (metadata through its event loop, several copies of every chunk) where the bytes
-    take ~10 ms to write: here each chunk is one `write` of a slice of the caller's array, and its writeback to
-    disk starts at once (`write_all`). Read with zarr."""
-    path.mkdir()
-    for group in sorted({n.rpartition("/")[0] for n in arrays} - {""}):
-        (path / group).mkdir(parents=True, exist_ok=True)
-        _write_json(path / group / "zarr.json", _group_doc({}))
-    for name, arr in arrays.items():
-        chunks = _chunks(name, arr.shape)
-        folder = path / name
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / "zarr.json", _array_doc(arr, chunks))
-        grid = [range(0, n, c) for n, c in zip(arr.shape, chunks)]
-        for origin in itertools.product(*grid) if arr.size else ():
-            block = np.ascontiguousarray(arr[tuple(slice(o, o + c) for o, c in zip(origin, chunks))])
-            if block.shape != chunks:  # an edge chunk is stored whole, zero-filled (fill_value)
-                block = np.pad(block, [(0, c - n) for n, c in zip(block.shape, chunks)])
-            key = ".".join(["c", *(str(o // c) for o, c in zip(origin, chunks))])
-            fd = os.open(folder / key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                write_all(fd, block)
-            finally:
-                os.close(fd)
-        fault_point("unit_array")
-    _write_json(path / "zarr.json", _group_doc({ATTR: attrs()}))
-
-
 class ZarrBackend:
     name = "zarr"
     suffix = ".zarr"
 
     def write_unit(self, path: Path, attrs: Attrs, arrays: dict[str, np.ndarray], compress: bool) -> None:
-        if _writes_raw(arrays, compress):
-            _write_raw(path, attrs, arrays)
+        if writes_raw(arrays, compress):
+            write_raw(path, {name: _chunks(name, a.shape) for name, a in arrays.items()}, arrays)
         else:
             from zarr.core.sync import sync
 
             sync(self._write(path, arrays, compress))
-            _write_json(path / "zarr.json", _group_doc({ATTR: attrs()}))
+        write_json(path / "zarr.json", group_doc({ATTR: attrs()}))  # last: it needs the checks' results
         fsync_tree(path)                # all files at once: about one journal commit per unit
 
     async def _write(self, path: Path, arrays: dict[str, np.ndarray], compress: bool) -> None:
@@ -156,7 +96,7 @@ class ZarrBackend:
             # write_empty_chunks: every chunk file exists, so a deleted chunk is a visible fault, not zeros.
             out = await group.create_array(
                 name, shape=arr.shape, dtype=arr.dtype, chunks=_chunks(name, arr.shape),
-                compressors="auto" if compress else None, fill_value=0, chunk_key_encoding=_CHUNK_KEYS,
+                compressors="auto" if compress else None, fill_value=0, chunk_key_encoding=CHUNK_KEYS,
                 config={"write_empty_chunks": True},
             )
             if arr.size:
@@ -186,11 +126,13 @@ class ZarrBackend:
         fsync_tree(dst)
 
     def read_arrays(self, path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
-        group = self._open(path)
-        return {n: np.asarray(group[n][...]) for n in names}
+        layouts = {n: raw_layout(path / n) for n in names}
+        group = self._open(path) if None in layouts.values() else None
+        return {n: read_raw(path / n, lay) if lay else np.asarray(group[n][...]) for n, lay in layouts.items()}
 
     def read_window(self, path: Path, name: str, index: int) -> np.ndarray:
-        return np.asarray(self._open(path)[name][index])
+        layout = raw_layout(path / name)
+        return read_raw(path / name, layout, index) if layout else np.asarray(self._open(path)[name][index])
 
     def list_units(self, folder: Path) -> dict[str, Path]:
         return _list(folder, self.suffix)

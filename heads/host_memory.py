@@ -15,6 +15,7 @@ import functools
 
 _M_TRIM_THRESHOLD = -1      # free memory at the heap's top kept before it is returned to the OS
 _M_MMAP_MAX = -4            # 0: never serve an allocation with its own mmap
+_M_ARENA_MAX = -8           # 1: every thread allocates from the main heap
 _KEEP_BYTES = 2**31 - 1     # mallopt takes an int
 
 
@@ -34,7 +35,10 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+    # One arena: a block a reader thread frees is reused by the next read, whichever thread makes it (a
+    # thread's own arena holds at most 64 MB; larger blocks fell back to fresh mmaps, page-faulted anew).
+    return all(mallopt(opt, value) for opt, value in
+               ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_BYTES), (_M_ARENA_MAX, 1)))
 
 
 def available_bytes() -> int | None:

@@ -12,10 +12,12 @@ and for NaN/Inf (as load_split does); every later read is checked for NaN/Inf ag
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
@@ -49,6 +51,7 @@ class StreamSplit:
     plan: ReadPlan
     widths: dict[str, dict[str, int]]               # layer -> modality -> token width
     video_bytes: int                                # most bytes one video's arrays take in memory
+    _ahead: "_Ahead | None" = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -105,8 +108,14 @@ class StreamSplit:
         def read(ids: list[str]) -> SplitData:
             return read_rows(self.reader, self.split, ids, self.plan, verify=False)
 
+        ahead, self._ahead = self._ahead, None
+        first = ahead.result() if ahead is not None and ahead.ids == chunks[0] else None
+        datas = prefetched(chunks[1:] if first is not None else chunks, read, 1)
         parts = [window_logits(model, data, windows=w, span=w, batch_size=batch_size, **kw)
-                 for data in prefetched(chunks, read, 1)]
+                 for data in itertools.chain([first] if first is not None else [], datas)]
+        # The same first chunk is read again at the next epoch's validation: read it now, in the background,
+        # while that epoch trains (memory: still one validation chunk).
+        self._ahead = _Ahead(chunks[0], _reader_pool().submit(read, chunks[0]))
         text = None if parts[0].text is None else torch.cat([p.text for p in parts])
         return WindowLogits(torch.cat([p.full for p in parts]), text, torch.cat([p.valid for p in parts]))
 
@@ -162,6 +171,21 @@ def open_split(reader, split: str, layers: Sequence[str] = (LAST,), device: str 
 
 
 # ---- reading ahead -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Ahead:
+    """A validation chunk being read before it is asked for."""
+    ids: list[str]
+    future: Future
+
+    def result(self) -> SplitData:
+        return self.future.result()
+
+
+@functools.cache
+def _reader_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-ahead")
+
 
 _END = object()
 
