@@ -169,15 +169,16 @@ def bench_stream(quick: bool) -> dict:
     """Streamed vs in-memory `train-heads` (CPU, paper-default model) over one cache of full-size token shapes:
     the peak RSS of a streamed run in a process of its own, and the epoch time of each path timed side by side
     (one process holding both, alternating 2-epoch runs, the least 2nd epoch of each; the page cache is warm),
-    with whether both paths gave the same history. Small splits, so the in-memory copy fits beside other work;
-    BAH-scale numbers come from `python -m ahbench.train_memory` over `python -m ahbench.bah_sized_cache`."""
-    sizes = {"train": 48, "val": 10} if quick else {"train": 160, "val": 26}
+    with whether both paths gave the same history. Small splits, so the in-memory copy fits beside other work
+    (full run: a BAH-shaped subset, 100 train videos x 8 windows and 30 val x 5); the peak RSS at BAH scale
+    comes from `python -m ahbench.train_memory` over `python -m ahbench.bah_sized_cache`."""
+    sizes = {"train": 64, "val": 12} if quick else {"train": 100, "val": 30}
     windows = {"train": 2 if quick else 8, "val": 5}
     with tempfile.TemporaryDirectory(prefix="ahbench-stream-") as tmp:
         cache = write_token_cache(Path(tmp) / "cache", sizes, windows)
         cache_bytes = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
         stream = train_memory_probe(cache, "--stream", "--epochs", "2")
-        side = train_memory_probe(cache, "--compare", "3" if quick else "4")
+        side = train_memory_probe(cache, "--compare", "5" if quick else "4")
     return {
         "stream_peak_rss_gb": stream["peak_rss_gb"],
         "stream_epoch_vs_memory": side["stream_epoch_vs_memory"],

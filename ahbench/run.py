@@ -92,7 +92,7 @@ def run_bench(device: str, quick: bool, workers: int, log: Callable[[str], None]
     section("cache", "cache write/read", lambda: bench_cache(quick))
     videos = 200 if cuda else (3 if quick else 12)
     e2e = section("extraction", "extraction end to end", lambda: bench_extraction(device, videos=videos, workers=workers))
-    host_videos = 200 if cuda else (24 if quick else 60)
+    host_videos = 200 if cuda else (40 if quick else 60)
     host = section("extraction_host", "extraction, host side alone (instant encoders)",
                    lambda: bench_extraction(device, videos=host_videos, workers=workers, instant=True))
     if host and out.get("decode") and _get(out, "cache", "zarr", "write_GBps"):

@@ -29,6 +29,7 @@ from extract.dist import Dist, all_sum, barrier, init_distributed, shard
 from extract.encoders import FrozenEncoders, load_encoders
 from extract.errors import AHError
 from extract.faults import fault_point
+from extract.host_memory import keep_freed_memory
 from extract.inputs import changed_inputs, describe_change, input_signature
 from extract.listing import write_listed
 from extract.locks import acquire as acquire_lock
@@ -227,6 +228,7 @@ def extract(data_root: Path, cache_path: Path, spec_path: Path, opts: ExtractOpt
     the cache unsealed (a rerun resumes it) and returns with `summary.interrupted`. `on_ready(cache, dist)`
     is called once the cache is open and (rank 0) locked, e.g. to start a log file in it."""
     dist = init_distributed()
+    keep_freed_memory()                       # every batch's outputs are large blocks: reuse, not page faults
     spec = load_spec(spec_path)
     device = str(resolve_device(opts.device))
     if device == "cuda" and dist.active:

@@ -17,7 +17,7 @@ from extract.devices import resolve_device
 from extract.errors import AHError
 from extract.record import all_finite
 from extract.vocab import LAST, MODALITIES, PREFIX, SEGMENTS
-from heads.host_memory import available_bytes
+from extract.host_memory import available_bytes
 from heads.split_data import DataError, SplitData
 from heads.tokens import Ragged
 

@@ -36,7 +36,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from extract.devices import resolve_device
 from heads.config import ConfigError, ModelConfig, TrainConfig
 from heads.split_data import SplitData
-from heads.host_memory import keep_freed_memory
+from extract.host_memory import keep_freed_memory
 from heads.infer import WindowLogits, autocast, per_video_modalities
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.model import build_model

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from extract.vocab import LAST, MODALITIES
-from heads.host_memory import available_bytes
+from extract.host_memory import available_bytes
 from heads.infer import WindowLogits, window_logits
 from heads.load import ReadPlan, load_split, read_plan, read_rows, split_ids, split_nbytes, where
 from heads.split_data import DataError, SplitData

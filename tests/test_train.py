@@ -142,7 +142,7 @@ def test_window_logits_pool_per_video_inputs_once_and_match_plain_forwards(text_
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's")
 def test_cpu_training_keeps_freed_memory_for_reuse():
-    from heads.host_memory import keep_freed_memory
+    from extract.host_memory import keep_freed_memory
 
     assert keep_freed_memory() is True
 
@@ -302,7 +302,7 @@ def test_load_split_from_a_real_cache(cache_dir):
 
 def test_load_split_refuses_a_split_larger_than_the_available_memory_before_reading(cache_dir, monkeypatch):
     import heads.load
-    import heads.host_memory
+    import extract.host_memory
     from extract.store import CacheReader
 
     reader = CacheReader(cache_dir)
@@ -314,7 +314,7 @@ def test_load_split_refuses_a_split_larger_than_the_available_memory_before_read
                for v in ids)
     assert 0.9 * data.nbytes() < need <= data.nbytes()     # the loaded split adds only labels and offsets
 
-    assert (heads.host_memory.available_bytes() or 1) > 0
+    assert (extract.host_memory.available_bytes() or 1) > 0
     reads, record = [], CacheReader.record
     monkeypatch.setattr(CacheReader, "record", lambda self, *a, **k: reads.append(a) or record(self, *a, **k))
     monkeypatch.setattr(heads.load, "available_bytes", lambda: need - 1)
