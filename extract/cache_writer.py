@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import time
@@ -24,14 +25,11 @@ from extract.vocab import SEGMENTS
 
 
 PUBLISH_TRIES = 5
-_scan_threads: ThreadPoolExecutor | None = None
 
 
+@functools.cache
 def _scan_pool() -> ThreadPoolExecutor:
-    global _scan_threads
-    if _scan_threads is None:
-        _scan_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scan")
-    return _scan_threads
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="scan")
 
 
 def _scan(arrays: dict[str, np.ndarray]) -> tuple[list[str], dict[str, str]]:

@@ -122,7 +122,7 @@ class ZarrBackend:
         shutil.copytree(src, dst)
         doc = json.loads((dst / "zarr.json").read_text(encoding="utf-8"))
         doc["attributes"][ATTR] = attrs
-        (dst / "zarr.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        write_json(dst / "zarr.json", doc)
         fsync_tree(dst)
 
     def read_arrays(self, path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
