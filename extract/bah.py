@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 from extract.errors import AHError
 from extract.media import MediaError, MediaInfo, probe
 from extract.split_files import (K_FRAME_MISMATCH, K_MISSING_FACES, K_MISSING_TRANSCRIPT, K_MISSING_VIDEO,
-                                  K_NO_AUDIO, K_OTHER, K_REFUSED, K_SPLIT_LINE, K_UNREADABLE, Problem, SplitLine,
+                                  K_NO_AUDIO, K_REFUSED, K_SPLIT_LINE, K_UNREADABLE, Problem, SplitLine,
                                   read_split_file)
 from extract.transcripts import BahError, TranscriptChunk, load_big_yaml, parse_transcript
 from extract.vocab import PUBLIC_SPLITS, SPLITS, check_split

@@ -67,6 +67,13 @@ def segment_ids(lengths: Sequence[int], device=None) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
 
 
+def _same_segment(seg: torch.Tensor):
+    """A mask function (transformers masking_utils) that keeps attention inside each packed segment."""
+    def same(batch_idx, head_idx, q_idx, kv_idx):
+        return seg[batch_idx, q_idx] == seg[batch_idx, kv_idx]
+    return same
+
+
 class TopBlocks(nn.Module):
     """A copy of the top `n` blocks of one encoder: maps the cached 'prefix' state to the 'last' one.
 
@@ -94,16 +101,9 @@ class TopBlocks(nn.Module):
             return None
         if mask is None:
             mask = torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device)
-        and_fn = None
-        if segments is not None:
-            seg = segments.to(prefix.device)
-
-            def and_fn(batch_idx, head_idx, q_idx, kv_idx):
-                return seg[batch_idx, q_idx] == seg[batch_idx, kv_idx]
-
         return create_bidirectional_mask(
             config=self.config, inputs_embeds=prefix, attention_mask=mask.to(prefix.device).bool(),
-            and_mask_function=and_fn,
+            and_mask_function=None if segments is None else _same_segment(segments.to(prefix.device)),
         )
 
     def forward(self, prefix: torch.Tensor, mask: torch.Tensor | None = None,

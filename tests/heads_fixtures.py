@@ -33,7 +33,6 @@ def write_cache(path: Path, sizes: dict[str, int] | None = None, dims=DIMS, wind
     """A real cache (extract.cache_writer.CacheWriter) holding SplitData.synthetic splits, private unlabelled."""
     from extract.spec import ExtractionSpec, WindowSpec
     from extract.cache_writer import CacheWriter
-    from extract.record import VideoRecord
 
     sizes = sizes or {"train": 32, "val": 16, "test": 16, "private": 4}
     spec = ExtractionSpec(windows=WindowSpec(frames=16, train=windows[0], eval=windows[1]))

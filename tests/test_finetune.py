@@ -226,7 +226,6 @@ def runs(world, tmp_path_factory):
 def test_finetune_writes_a_run_folder_with_the_encoder_blocks(runs, world):
     from extract.store import CacheReader
     from heads.runs import load_run
-    from ahflows.raw_media import load_run_with_media
     from heads.topblocks import TOPS_FILE, TopBlocksHeads
 
     a = runs["A"]
@@ -243,7 +242,6 @@ def test_finetune_writes_a_run_folder_with_the_encoder_blocks(runs, world):
 def test_cached_top_blocks_run_trains_its_blocks(runs, world):
     from extract.spec import load_spec
     from heads.runs import load_run
-    from ahflows.raw_media import load_run_with_media
     from ahflows.checkpoint_a import initial_tops
 
     run = load_run(runs["C"])
@@ -298,7 +296,6 @@ def test_evaluate_both_kinds_and_the_raw_media_fallback(runs, world, tmp_path):
 
 def test_ensemble_combines_a_finetuned_and_a_frozen_run(runs, world, tmp_path):
     from heads.runs import load_run
-    from ahflows.raw_media import load_run_with_media
     from heads.data import load_split
     from heads.infer import layers_needed, predict_split
 
