@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +13,15 @@ import numpy as np
 from extract.faults import fault_point
 from extract.files import atomic_write_json, fsync_path, owner_dead, remove, tmp_name
 from extract.locks import LOCK_FILE
-from extract.record import (CHECKSUM, LENGTHS, VideoRecord, array_checksum, check_record, expected_arrays, nonfinite,
-                            video_key)
+from extract.record import LENGTHS, VideoRecord, check_record, expected_arrays, nonfinite_problem, video_key
 from extract.spec import ExtractionSpec
 from extract.store import (ERRORS, FORMAT, INDEX, MANIFEST, VIDEOS, CacheError, CacheReader, fingerprint_mismatch,
                            load_manifest, unit_problems)
 from extract.store_backends import Backend, get_backend
+from extract.value_scan import ValueScan
 from extract.vocab import SEGMENTS
 
-
 PUBLISH_TRIES = 5
-
-
-@functools.cache
-def _scan_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="scan")
-
-
-def _scan(arrays: dict[str, np.ndarray]) -> tuple[list[str], dict[str, str]]:
-    """The NaN/Inf problems and the checksum of every array (both release the GIL on large arrays)."""
-    return nonfinite(arrays), {n: array_checksum(a) for n, a in arrays.items()}
 
 
 class CacheWriter:
@@ -143,17 +130,15 @@ class CacheWriter:
         problems = check_record(meta, arrays, self.spec.dtype, self._expected, values=False)
         if problems:
             raise CacheError(f"{record.video_id}: cannot cache this video: {'; '.join(problems)}")
-        # The two passes over every value (NaN/Inf, checksums) run while the backend writes the arrays; the
-        # attribute document that needs them is written last.
-        scan = _scan_pool().submit(_scan, arrays)
 
-        def attrs() -> dict[str, Any]:
-            bad, checksums = scan.result()
+        # NaN/Inf and checksums come from the backend's scans of the bytes it wrote (extract/value_scan.py).
+        def attrs(scans: dict[str, ValueScan]) -> dict[str, Any]:
+            bad = [nonfinite_problem(n) for n, scan in sorted(scans.items()) if not scan.finite]
             if bad:
                 raise CacheError(f"{record.video_id}: cannot cache this video: {'; '.join(bad)}")
             return {
                 "format": FORMAT, "fingerprint": self.fingerprint, "meta": meta,
-                "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape), CHECKSUM: checksums[n]}
+                "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape), "crc32c": scans[n].crc32c}
                            for n, a in arrays.items()},
                 "written_by": self.provenance, "inputs": dict(record.inputs),
             }
@@ -163,7 +148,6 @@ class CacheWriter:
         try:
             self.backend.write_unit(tmp, attrs, arrays, self.spec.compress)
         except BaseException:
-            scan.cancel()
             remove(tmp)
             raise
         fault_point("unit_written")

@@ -79,15 +79,30 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, data: np.ndarray, offset: int | None = None) -> None:
-    """All of a contiguous array's bytes to `fd` (at `offset` with pwrite), without a copy; then ask the
-    kernel to start writing them to disk (`start_writeback`)."""
+WRITE_BLOCK = 1 << 18      # bytes per write: a block `feed` just read is still in the CPU cache for the copy
+WRITEBACK_EVERY = 1 << 21  # bytes between the starts of writeback
+
+
+def write_all(fd: int, data: np.ndarray, offset: int | None = None,
+              feed: Callable[[memoryview], None] | None = None) -> None:
+    """All of a contiguous array's bytes to `fd` (at `offset` with pwrite), without a copy, in blocks; each
+    block is first passed to `feed` (e.g. a checksum, extract/value_scan.py). The kernel is asked to start
+    writing every few MB to disk as they come (`start_writeback`)."""
     view = memoryview(data.reshape(-1)).cast("B") if data.size else memoryview(b"")
-    done = 0
-    while done < len(view):  # a write may take less than asked
-        rest = view[done:]
-        done += os.write(fd, rest) if offset is None else os.pwrite(fd, rest, offset + done)
-    start_writeback(fd, 0 if offset is None else offset, len(view))
+    base = 0 if offset is None else offset
+    done = started = 0
+    while done < len(view):
+        block = view[done:done + WRITE_BLOCK]
+        if feed is not None:
+            feed(block)
+        put = 0
+        while put < len(block):  # a write may take less than asked
+            rest = block[put:]
+            put += os.write(fd, rest) if offset is None else os.pwrite(fd, rest, base + done + put)
+        done += put
+        if done - started >= WRITEBACK_EVERY or done == len(view):
+            start_writeback(fd, base + started, done - started)
+            started = done
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import google_crc32c
 import numpy as np
 
+from extract.value_scan import all_finite
 from extract.vocab import LAST, PREFIX, SEGMENTS, TOKEN_GROUPS, WINDOW_LENGTHS
 
 META_FIELDS = ("video_id", "split", "label", "pid", "question", "fps", "frame_count", "duration",
@@ -79,38 +80,18 @@ def array_crc32c(arr: np.ndarray) -> str:
     return f"{google_crc32c.value(flat):08x}"
 
 
-# The checksum new units declare per array; units written before it declare 'sha256' and still verify.
-CHECKSUM = "crc32c"
+# Checksums a unit may declare per array: new units declare crc32c (computed while writing,
+# extract/value_scan.py); units written before it declare sha256 and still verify.
 CHECKSUMS = {"crc32c": array_crc32c, "sha256": array_sha256}
-# Per item size: the unsigned view, the mask dropping the sign, and the magnitude bits at or above which a
-# float is Inf or NaN (exponent all ones).
-_NONFINITE_BITS = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000),
-                   8: (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
-_FINITE_STEP = 1 << 20
 
 
-def array_checksum(arr: np.ndarray, algorithm: str = CHECKSUM) -> str:
+def array_checksum(arr: np.ndarray, algorithm: str) -> str:
     return CHECKSUMS[algorithm](arr)
 
 
 def declared_checksum(decl: dict[str, Any]) -> tuple[str, str] | None:
     """(algorithm, value) an array's declaration carries, or None when it carries none this tool knows."""
     return next(((a, decl[a]) for a in CHECKSUMS if isinstance(decl.get(a), str)), None)
-
-
-def all_finite(arr: np.ndarray) -> bool:
-    """No NaN or Inf: the exponent bits tested in 1M-item slices (~10x np.isfinite(arr).all(), no big temporary)."""
-    if arr.dtype.kind != "f":
-        return True
-    bits = _NONFINITE_BITS.get(arr.dtype.itemsize)
-    if bits is None or arr.dtype.byteorder not in "=|" + ("<" if np.little_endian else ">"):
-        return bool(np.isfinite(arr).all())
-    uint, mask, limit = bits
-    flat = np.ascontiguousarray(arr).reshape(-1).view(uint)
-    for lo in range(0, flat.size, _FINITE_STEP):
-        if (flat[lo:lo + _FINITE_STEP] & uint(mask)).max() >= limit:
-            return False
-    return True
 
 
 def expected_arrays(spec: dict[str, Any]) -> list[str]:
@@ -184,8 +165,12 @@ def check_record(meta: dict[str, Any], arrays: dict[str, np.ndarray], dtype: str
 
 
 def nonfinite(arrays: dict[str, np.ndarray]) -> list[str]:
-    return [f"{name}: contains NaN or Inf" for name, arr in sorted(arrays.items())
+    return [nonfinite_problem(name) for name, arr in sorted(arrays.items())
             if arr.dtype.kind == "f" and arr.size and not all_finite(arr)]
+
+
+def nonfinite_problem(name: str) -> str:
+    return f"{name}: contains NaN or Inf"
 
 
 def check_declared(attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[str]:

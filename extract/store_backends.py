@@ -18,10 +18,12 @@ import numpy as np
 
 from extract.faults import fault_point
 from extract.files import fsync_path, fsync_tree, write_all
+from extract.value_scan import ValueScan, scan_arrays
 from extract.zarr_raw import CHUNK_KEYS, group_doc, raw_layout, read_raw, write_json, write_raw, writes_raw
 
 ATTR = "ah"  # the single attribute holding the unit's JSON document
-Attrs = Callable[[], dict[str, Any]]
+# The attribute document, made from the arrays' scans (checksum, NaN/Inf): it may raise to refuse the unit.
+Attrs = Callable[[dict[str, ValueScan]], dict[str, Any]]
 
 
 class Backend(Protocol):
@@ -29,9 +31,9 @@ class Backend(Protocol):
     suffix: str
 
     def write_unit(self, path: Path, attrs: Attrs, arrays: dict[str, np.ndarray], compress: bool) -> None:
-        """Write all arrays, then the attribute document `attrs()`, to `path` (which does not exist yet),
-        durably. `attrs` is called once the arrays are written: the checks it needs run meanwhile; what it
-        raises, write_unit raises."""
+        """Write all arrays, then the attribute document `attrs(scans)`, to `path` (which does not exist yet),
+        durably. `scans[name]` has been fed every byte of that array (while writing it, or from memory for
+        arrays a library writes); what `attrs` raises, write_unit raises."""
 
     def read_attrs(self, path: Path) -> dict[str, Any]:
         """The unit's attribute document, without touching the arrays."""
@@ -76,12 +78,13 @@ class ZarrBackend:
 
     def write_unit(self, path: Path, attrs: Attrs, arrays: dict[str, np.ndarray], compress: bool) -> None:
         if writes_raw(arrays, compress):
-            write_raw(path, {name: _chunks(name, a.shape) for name, a in arrays.items()}, arrays)
+            scans = write_raw(path, {name: _chunks(name, a.shape) for name, a in arrays.items()}, arrays)
         else:
             from zarr.core.sync import sync
 
             sync(self._write(path, arrays, compress))
-        write_json(path / "zarr.json", group_doc({ATTR: attrs()}))  # last: it needs the checks' results
+            scans = scan_arrays(arrays)
+        write_json(path / "zarr.json", group_doc({ATTR: attrs(scans)}))  # last: it needs the scans
         fsync_tree(path)                # all files at once: about one journal commit per unit
 
     async def _write(self, path: Path, arrays: dict[str, np.ndarray], compress: bool) -> None:
@@ -138,7 +141,7 @@ class ZarrBackend:
         return _list(folder, self.suffix)
 
 
-def _write_contiguous(f: Any, path: Path, arrays: dict[str, np.ndarray]) -> None:
+def _write_contiguous(f: Any, path: Path, arrays: dict[str, np.ndarray]) -> dict[str, ValueScan]:
     """Uncompressed arrays as contiguous datasets (one window is one contiguous slice to read). h5py makes
     the datasets, their space allocated at once and never filled; the bytes then go to their offsets with
     `os.pwrite` (`write_all`), which releases the GIL where h5py's writes hold it (two writer threads ran no
@@ -150,14 +153,16 @@ def _write_contiguous(f: Any, path: Path, arrays: dict[str, np.ndarray]) -> None
     placed = [(f.create_dataset(name, shape=arr.shape, dtype=arr.dtype, dcpl=dcpl, fill_time="never").id, arr)
               for name, arr in arrays.items()]
     f.flush()
+    scans = {name: ValueScan(arr.dtype) for name, arr in arrays.items()}
     fd = os.open(path, os.O_WRONLY)
     try:
-        for dataset, arr in placed:
+        for (dataset, arr), scan in zip(placed, scans.values()):
             if arr.size:
-                write_all(fd, np.ascontiguousarray(arr), dataset.get_offset())
+                write_all(fd, np.ascontiguousarray(arr), dataset.get_offset(), feed=scan.update)
             fault_point("unit_array")
     finally:
         os.close(fd)
+    return scans
 
 
 class HDF5Backend:
@@ -173,9 +178,10 @@ class HDF5Backend:
                     f.create_dataset(name, data=arr, chunks=_chunks(name, arr.shape) if arr.size else None,
                                      compression="gzip" if arr.size else None)
                     fault_point("unit_array")
+                scans = scan_arrays(arrays)
             else:
-                _write_contiguous(f, path, arrays)
-            f.attrs[ATTR] = json.dumps(attrs(), sort_keys=True)
+                scans = _write_contiguous(f, path, arrays)
+            f.attrs[ATTR] = json.dumps(attrs(scans), sort_keys=True)
         fsync_path(path)
 
     def read_attrs(self, path: Path) -> dict[str, Any]:

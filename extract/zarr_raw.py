@@ -9,7 +9,6 @@ outside this layout (compressed, big-endian, sharded, ...) is left to zarr-pytho
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 
 from extract.faults import fault_point
 from extract.files import write_all
+from extract.value_scan import ValueScan
 
 # Chunk files as `c.0.0.0` beside the array's zarr.json: one folder per array, not one per chunk index.
 CHUNK_KEYS = {"name": "default", "configuration": {"separator": "."}}
@@ -48,33 +48,35 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 def writes_raw(arrays: dict[str, np.ndarray], compress: bool) -> bool:
     """Whether every array can be stored as its in-memory bytes: uncompressed, little-endian, a known type."""
     return not compress and np.little_endian and all(
-        str(a.dtype) in RAW_TYPES and a.dtype.byteorder in "=<" for a in arrays.values())
+        str(a.dtype) in RAW_TYPES and a.dtype.byteorder in "=<" and a.ndim for a in arrays.values())
 
 
-def write_raw(path: Path, chunks: dict[str, tuple[int, ...]], arrays: dict[str, np.ndarray]) -> None:
+def write_raw(path: Path, chunks: dict[str, tuple[int, ...]], arrays: dict[str, np.ndarray]) -> dict[str, ValueScan]:
     """The groups and arrays of a unit at `path` (created here), all but the root group's zarr.json (the
-    caller writes it last). Each chunk is one write of a slice of the caller's array, its writeback to disk
-    started at once (`write_all`)."""
+    caller writes it last); returns each array's ValueScan, fed its bytes as they were written. Chunks split
+    the first axis only, in whole rows (`RawLayout`): each chunk is one contiguous slice of the array,
+    written without a copy (`write_all`), and the chunks in order are the array's bytes in order."""
     path.mkdir()
     for group in sorted({n.rpartition("/")[0] for n in arrays} - {""}):
         (path / group).mkdir(parents=True, exist_ok=True)
         write_json(path / group / "zarr.json", group_doc({}))
+    scans = {}
     for name, arr in arrays.items():
-        shape = chunks[name]
+        rows, *rest = chunks[name]
+        if arr.size and (tuple(rest) != arr.shape[1:] or arr.shape[0] % rows):
+            raise ValueError(f"{name}: raw chunks {chunks[name]} do not split {arr.shape} into whole rows")
         folder = path / name
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "zarr.json", array_doc(arr, shape))
-        for origin in itertools.product(*(range(0, n, c) for n, c in zip(arr.shape, shape))) if arr.size else ():
-            block = np.ascontiguousarray(arr[tuple(slice(o, o + c) for o, c in zip(origin, shape))])
-            if block.shape != shape:  # an edge chunk is stored whole, zero-filled (fill_value)
-                block = np.pad(block, [(0, c - n) for n, c in zip(block.shape, shape)])
-            fd = os.open(folder / _key([o // c for o, c in zip(origin, shape)], "."),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        write_json(folder / "zarr.json", array_doc(arr, chunks[name]))
+        scans[name] = scan = ValueScan(arr.dtype)
+        for k in range(arr.shape[0] // rows if arr.size else 0):
+            fd = os.open(folder / _key([k] + [0] * (arr.ndim - 1), "."), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                write_all(fd, block)
+                write_all(fd, np.ascontiguousarray(arr[k * rows:(k + 1) * rows]), feed=scan.update)
             finally:
                 os.close(fd)
         fault_point("unit_array")
+    return scans
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from extract.devices import resolve_device
 from extract.errors import AHError
-from extract.record import all_finite
+from extract.value_scan import all_finite
 from extract.vocab import LAST, MODALITIES, PREFIX, SEGMENTS
 from extract.host_memory import available_bytes
 from heads.split_data import DataError, SplitData

@@ -10,7 +10,9 @@ import pytest
 import zarr
 from zarr.storage import LocalStore
 
+from extract.record import array_crc32c
 from extract.store_backends import ATTR, get_backend
+from extract.value_scan import SCAN_BLOCK, ValueScan, all_finite
 
 
 def _arrays() -> dict[str, np.ndarray]:
@@ -27,7 +29,7 @@ def _docs(unit) -> dict[str, dict]:
 
 def test_zarr_unit_matches_what_zarr_python_writes(tmp_path):
     arrays = _arrays()
-    get_backend("zarr").write_unit(tmp_path / "direct", lambda: {"k": 1}, arrays, False)
+    get_backend("zarr").write_unit(tmp_path / "direct", lambda _scans: {"k": 1}, arrays, False)
     ref = zarr.open_group(store=LocalStore(tmp_path / "ref"), mode="w", zarr_format=3, attributes={ATTR: {"k": 1}})
     for name, arr in arrays.items():
         doc = json.loads((tmp_path / "direct" / name / "zarr.json").read_text())
@@ -64,7 +66,7 @@ def test_zarr_unit_in_the_older_nested_layout_still_reads(tmp_path):
 def test_hdf5_unit_reads_back_exactly(tmp_path, compress):
     arrays = _arrays()
     backend = get_backend("hdf5")
-    backend.write_unit(tmp_path / "u.h5", lambda: {"k": 3}, arrays, compress)
+    backend.write_unit(tmp_path / "u.h5", lambda _scans: {"k": 3}, arrays, compress)
     got = backend.read_arrays(tmp_path / "u.h5", list(arrays))
     assert all(got[n].dtype == a.dtype and np.array_equal(got[n], a) for n, a in arrays.items())
     assert backend.read_attrs(tmp_path / "u.h5") == {"k": 3}
@@ -74,8 +76,8 @@ def test_hdf5_unit_reads_back_exactly(tmp_path, compress):
 
 
 def test_attribute_document_failure_leaves_the_error_not_a_unit_claiming_success(tmp_path):
-    """`attrs` runs after the arrays are written (the value checks run meanwhile); what it raises propagates."""
-    def refuse() -> dict:
+    """`attrs` runs after the arrays are written; what it raises propagates."""
+    def refuse(_scans) -> dict:
         raise ValueError("NaN found")
 
     for name in ("zarr", "hdf5"):
@@ -84,3 +86,43 @@ def test_attribute_document_failure_leaves_the_error_not_a_unit_claiming_success
             backend.write_unit(tmp_path / f"u-{name}", refuse, _arrays(), False)
         with pytest.raises((OSError, KeyError)):
             backend.read_attrs(tmp_path / f"u-{name}")
+
+
+@pytest.mark.parametrize("backend,compress", [("zarr", False), ("zarr", True), ("hdf5", False), ("hdf5", True)])
+def test_scans_handed_to_attrs_cover_every_byte_written(tmp_path, backend, compress):
+    """Raw writes feed the scans block by block as they write; each must end with the whole array's CRC32C
+    and finiteness, also for arrays of several blocks and several chunks, and with a NaN or Inf anywhere."""
+    arrays = _arrays()
+    rng = np.random.default_rng(4)
+    arrays["video/last"] = rng.standard_normal((3, SCAN_BLOCK // 700, 700)).astype(np.float16)  # > 2 blocks
+    arrays["video/last"][2, -1, -1] = np.inf
+    arrays["audio/last"] = rng.standard_normal((3 * SCAN_BLOCK // 4 + 3, 2)).astype(np.float32)
+    arrays["audio/last"][0, 0] = np.nan
+    seen = {}
+
+    def attrs(scans):
+        seen.update(scans)
+        return {"k": 4}
+
+    get_backend(backend).write_unit(tmp_path / "u", attrs, arrays, compress)
+    assert set(seen) == set(arrays)
+    for name, arr in arrays.items():
+        assert seen[name].crc32c == array_crc32c(arr), name
+        assert seen[name].finite == bool(np.isfinite(arr).all()), name
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, ">f4"])
+def test_value_scan_finds_every_nan_and_inf_and_nothing_else(dtype):
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal(SCAN_BLOCK // 2 + 7).astype(dtype)
+    info = np.finfo(np.dtype(dtype))
+    base[:4] = [info.max, -info.max, info.tiny, -info.tiny]  # extremes that are finite
+    assert all_finite(base) and ValueScan(base.dtype).scan(base).finite
+    for bad in (np.inf, -np.inf, np.nan, -np.nan):
+        for at in (0, SCAN_BLOCK // np.dtype(dtype).itemsize, base.size - 1):
+            arr = base.copy()
+            arr[at] = bad
+            scan = ValueScan(arr.dtype).scan(arr)
+            assert not scan.finite and not all_finite(arr), (bad, at)
+            assert scan.crc32c == array_crc32c(arr)
+    assert all_finite(np.zeros(0, dtype)) and ValueScan(np.dtype(dtype)).scan(np.zeros(0, dtype)).crc32c == "00000000"

@@ -32,7 +32,7 @@ import pytest
 CONTRACT = frozenset({
     "extract.errors", "extract.vocab", "extract.spec", "extract.files", "extract.provenance", "extract.record",
     "extract.store", "extract.store_backends", "extract.faults", "extract.locks", "extract.listing",
-    "extract.devices", "extract.precision", "extract.zarr_raw", "extract.host_memory",
+    "extract.devices", "extract.precision", "extract.zarr_raw", "extract.host_memory", "extract.value_scan",
 })
 PACKAGES = ("extract", "heads", "ahflows", "ahcli", "ahbench")
 SKIP_DIRS = frozenset({"tests", ".venv", "build", "__pycache__"})

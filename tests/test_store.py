@@ -19,7 +19,8 @@ from extract.spec import ExtractionSpec, WindowSpec
 from extract.cache_writer import CacheWriter
 from extract.files import host
 from extract.provenance import provenance
-from extract.record import VideoRecord, all_finite, array_sha256, video_key
+from extract.record import VideoRecord, array_sha256, video_key
+from extract.value_scan import all_finite
 from extract.store import CacheError, CacheReader
 from extract.store_backends import get_backend
 
@@ -141,7 +142,7 @@ def test_leftover_tmp_unit_ignored_by_reader_and_cleaned_by_writer(tmp_path, bac
     rec = records()[1]
     # A writer killed mid-unit leaves a temporary unit (here: complete bytes, never renamed).
     dead = cache / "videos" / f".tmp.{dead_pid()}.{host()}.deadbeef.{video_key(rec.video_id)}{be.suffix}"
-    be.write_unit(dead, lambda: {"meta": rec.meta()}, {"video/last": rec.arrays["video/last"]}, False)
+    be.write_unit(dead, lambda _scans: {"meta": rec.meta()}, {"video/last": rec.arrays["video/last"]}, False)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         alive = cache / "videos" / f".tmp.{sleeper.pid}.{host()}.cafe0000.x{be.suffix}"
@@ -485,7 +486,7 @@ def test_verify_catches_nan_and_declared_shape_mismatch(tmp_path, backend):
     attrs = {"format": 1, "fingerprint": spec.fingerprint(), "meta": rec.meta(),
              "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape), "sha256": array_sha256(a)}
                         for n, a in arrays.items()}}
-    be.write_unit(w.unit_path(rec.video_id), lambda: attrs, arrays, False)
+    be.write_unit(w.unit_path(rec.video_id), lambda _scans: attrs, arrays, False)
     _set_attr_meta(unit_of(cache, IDS[1]), backend, lambda a: a["arrays"]["text/last"].__setitem__("shape", [1, 1]))
     problems = CacheReader(cache).verify()
     assert {p["video_id"] for p in problems} == {IDS[1], IDS[2]}
@@ -510,7 +511,7 @@ def test_crc32c_units_catch_a_flipped_byte_and_older_sha256_units_still_verify(t
     old = {**attrs, "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape), "sha256": array_sha256(a)}
                                for n, a in arrays.items()}}
     shutil.rmtree(unit) if unit.is_dir() else unit.unlink()
-    get_backend(backend).write_unit(unit, lambda: old, arrays, False)
+    get_backend(backend).write_unit(unit, lambda _scans: old, arrays, False)
     mixed = CacheReader(tmp_path / "c")
     assert mixed.verify() == [] and w.is_complete(IDS[0])
     assert mixed.digest() == mixed.digest(deep=False) == digest == new.digest(deep=False)
