@@ -267,8 +267,8 @@ def _put_video(video: dict[str, Tensor], layer: str, arr: np.ndarray, i: int, n:
     if arr.ndim != 3:
         raise DataError(f"{where(reader)}: video {vid!r}: video/{layer} has shape {arr.shape}, expected (W, L, D)")
     if layer not in video:
-        # Preallocated once; later videos with more windows than the first are refused below.
-        video[layer] = torch.zeros((n, *arr.shape), dtype=_torch_dtype(arr.dtype))
+        # Preallocated once, not zeroed: each row is written whole below (its missing windows zeroed).
+        video[layer] = torch.empty((n, *arr.shape), dtype=_torch_dtype(arr.dtype))
     have = video[layer]
     if tuple(arr.shape[1:]) != tuple(have.shape[2:]) or arr.shape[0] > have.shape[1]:
         if tuple(arr.shape[1:]) == tuple(have.shape[2:]):
@@ -278,7 +278,9 @@ def _put_video(video: dict[str, Tensor], layer: str, arr: np.ndarray, i: int, n:
         else:
             raise DataError(f"{where(reader)}: video {vid!r}: video/{layer} tokens have shape "
                             f"{tuple(arr.shape[1:])}, other videos {tuple(have.shape[2:])}")
-    have.numpy()[i, : arr.shape[0]] = arr        # numpy copies fp16 ~10x cheaper than torch slice assignment
+    rows = have.numpy()                          # numpy copies fp16 ~10x cheaper than torch slice assignment
+    rows[i, : arr.shape[0]] = arr
+    rows[i, arr.shape[0]:] = 0
 
 
 def _split_windows(flat: list[np.ndarray], lengths: list[np.ndarray], w: int, reader) -> list[np.ndarray]:

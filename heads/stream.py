@@ -33,7 +33,8 @@ from heads.tokens import Batch
 T = TypeVar("T")
 U = TypeVar("U")
 
-PREFETCH_GROUPS = 4              # accumulation groups read ahead of the training step
+PREFETCH_GROUPS = 4              # accumulation groups read ahead of the training step (on an accelerator)
+READ_AHEAD_ON_CPU = False        # see `_depth`
 VAL_CHUNK_BYTES = 256 * 2**20    # validation videos held at once (rounded to whole inference batches)
 STREAM_HEADROOM = 0.7            # stream when the splits need more than this share of the available memory
 
@@ -92,7 +93,7 @@ class StreamSplit:
             r, w = span
             return read_rows(self.reader, self.split, [self.video_ids[i] for i in r], self.plan, w, verify=False)
 
-        for data in prefetched(spans, read, PREFETCH_GROUPS):
+        for data in prefetched(spans, read, _depth(batch.get("device"), PREFETCH_GROUPS)):
             idx = torch.arange(len(data))
             yield data.batch(idx, torch.zeros_like(idx), **batch)
 
@@ -108,14 +109,16 @@ class StreamSplit:
         def read(ids: list[str]) -> SplitData:
             return read_rows(self.reader, self.split, ids, self.plan, verify=False)
 
+        depth = _depth(next(model.parameters()).device, 1)
         ahead, self._ahead = self._ahead, None
         first = ahead.result() if ahead is not None and ahead.ids == chunks[0] else None
-        datas = prefetched(chunks[1:] if first is not None else chunks, read, 1)
+        datas = prefetched(chunks[1:] if first is not None else chunks, read, depth)
         parts = [window_logits(model, data, windows=w, span=w, batch_size=batch_size, **kw)
                  for data in itertools.chain([first] if first is not None else [], datas)]
-        # The same first chunk is read again at the next epoch's validation: read it now, in the background,
-        # while that epoch trains (memory: still one validation chunk).
-        self._ahead = _Ahead(chunks[0], _reader_pool().submit(read, chunks[0]))
+        if depth:
+            # The same first chunk is read again at the next epoch's validation: read it now, in the
+            # background, while that epoch trains (memory: still one validation chunk).
+            self._ahead = _Ahead(chunks[0], _reader_pool().submit(read, chunks[0]))
         text = None if parts[0].text is None else torch.cat([p.text for p in parts])
         return WindowLogits(torch.cat([p.full for p in parts]), text, torch.cat([p.valid for p in parts]))
 
@@ -171,6 +174,15 @@ def open_split(reader, split: str, layers: Sequence[str] = (LAST,), device: str 
 
 
 # ---- reading ahead -----------------------------------------------------------------------------------
+
+def _depth(device: torch.device | str | None, depth: int) -> int:
+    """How far to read ahead in a background thread: `depth` when training runs on an accelerator (the host
+    cores are free), none on the CPU, where the step already uses every core: on 2 cores a reader thread
+    beside it made a BAH-shaped epoch 1.2-1.5x the in-memory one, reading in the step's own thread ~1.0x
+    (bench-results/stream-bah-scale.md)."""
+    on_cpu = torch.device(device if device is not None else "cpu").type == "cpu"
+    return 0 if on_cpu and not READ_AHEAD_ON_CPU else depth
+
 
 @dataclass(frozen=True)
 class _Ahead:
