@@ -1,9 +1,9 @@
 """Training over a split that is not held in memory: what an epoch needs is read from the cache as it goes.
 
 A `StreamSplit` keeps only a split's metadata (ids, labels, window counts). Each epoch's accumulation group
-(its videos, one drawn window each) is read by a background thread a few groups ahead of the training step
-(heads/load.py read_rows: one chunk of each video array, the audio and transcript tokens), and validation
-reads whole videos in chunks of a bounded size. Memory is then a few groups plus one validation chunk,
+(its videos, one drawn window each) is read as the step needs it (heads/load.py read_rows: one chunk of each
+video array, the audio and transcript tokens), by a background thread a few groups ahead when training runs
+on an accelerator (`_depth`), and validation reads whole videos in chunks of a bounded size. Memory is then a few groups plus one validation chunk,
 whatever the split's size. The batches are built by the same code from the same arrays as the in-memory
 path's (`SplitData.batches`), so a run gives the same numbers either way for the same seed.
 
