@@ -3,9 +3,10 @@
 A `StreamSplit` keeps only a split's metadata (ids, labels, window counts). Each epoch's accumulation group
 (its videos, one drawn window each) is read as the step needs it (heads/load.py read_rows: one chunk of each
 video array, the audio and transcript tokens), by a background thread a few groups ahead when training runs
-on an accelerator (`_depth`), and validation reads whole videos in chunks of a bounded size. Memory is then a few groups plus one validation chunk,
-whatever the split's size. The batches are built by the same code from the same arrays as the in-memory
-path's (`SplitData.batches`), so a run gives the same numbers either way for the same seed.
+on an accelerator (`_depth`), and validation reads whole videos in chunks of a bounded size. Memory is then
+a few groups plus one validation chunk, whatever the split's size. The batches are built by the same code
+from the same arrays as the in-memory path's (`SplitData.batches`), so a run gives the same numbers either
+way for the same seed.
 
 Checks: `scan_split` reads every video once before training, each array checked against its stored checksum
 and for NaN/Inf (as load_split does); every later read is checked for NaN/Inf again.
