@@ -130,10 +130,10 @@ def phase_report(summary: ExtractSummary) -> str:
     parts = [f"{name} {summary.phases[name]:.1f} s ({summary.phases[name] / total:.0%})"
              for name in PHASES if name in summary.phases]
     line = f"time {total:.1f} s: " + ", ".join(parts)
-    if summary.phases.get("waiting for decoding", 0.0) > 0.3 * total:
-        line += "; decoding is the bottleneck: raise --workers"
-    elif summary.phases.get("waiting for cache writes", 0.0) > 0.3 * total:
-        line += "; the cache writes are the bottleneck: a faster disk, or `backend: hdf5` in the spec"
+    decoding, writes = (summary.phases.get(p, 0.0) for p in ("waiting for decoding", "waiting for cache writes"))
+    if max(decoding, writes) > 0.3 * total:  # the longer wait is the bottleneck
+        line += ("; decoding is the bottleneck: raise --workers" if decoding >= writes else
+                 "; the cache writes are the bottleneck: a faster disk, or `backend: hdf5` in the spec")
     return line
 
 

@@ -114,6 +114,8 @@ def test_phase_report_names_the_bottleneck():
     assert waiting.startswith("time 10.0 s: waiting for decoding 6.0 s (60%), video encoder 3.0 s (30%)")
     assert "raise --workers" in waiting
     assert "backend: hdf5" in report(**{"waiting for cache writes": 4.0, "video encoder": 5.0})
+    both = report(**{"waiting for decoding": 3.3, "waiting for cache writes": 4.0})   # the longer wait is named
+    assert "backend: hdf5" in both and "raise --workers" not in both
     busy = report(**{"video encoder": 8.0, "waiting for decoding": 1.0})
     assert "bottleneck" not in busy and busy.index("waiting for decoding") < busy.index("video encoder")
 
