@@ -28,7 +28,10 @@ class ValueScan:
         self.value = 0  # the running CRC32C
         self.finite = True
         native = self.dtype.byteorder in "=|" + ("<" if np.little_endian else ">")
-        self._bits = _NONFINITE_BITS.get(self.dtype.itemsize) if self.dtype.kind == "f" and native else None
+        bits = _NONFINITE_BITS.get(self.dtype.itemsize) if self.dtype.kind == "f" and native else None
+        if bits is not None:  # (unsigned view, signed view, the least positive Inf/NaN, the least negative one)
+            bits = (*bits, 1 << (8 * self.dtype.itemsize - 1) | bits[2])
+        self._bits = bits
 
     @property
     def crc32c(self) -> str:
@@ -44,10 +47,9 @@ class ValueScan:
         if self._bits is None:  # an unusual float type: numpy's own test
             self.finite = bool(np.isfinite(data.view(self.dtype)).all())
             return
-        unsigned, signed, limit = self._bits
-        sign = 1 << (8 * self.dtype.itemsize - 1)
-        self.finite = bool(data.size == 0 or (data.view(signed).max() < limit
-                                              and data.view(unsigned).max() < sign | limit))
+        unsigned, signed, positive, negative = self._bits
+        self.finite = bool(data.size == 0 or (data.view(signed).max() < positive
+                                              and data.view(unsigned).max() < negative))
 
     def scan(self, arr: np.ndarray) -> ValueScan:
         """Feed a whole array (C order) from memory; stops early at a NaN/Inf when no checksum is wanted."""

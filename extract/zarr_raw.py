@@ -70,7 +70,7 @@ def write_raw(path: Path, chunks: dict[str, tuple[int, ...]], arrays: dict[str, 
         write_json(folder / "zarr.json", array_doc(arr, chunks[name]))
         scans[name] = scan = ValueScan(arr.dtype)
         for k in range(arr.shape[0] // rows if arr.size else 0):
-            fd = os.open(folder / _key([k] + [0] * (arr.ndim - 1), "."), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(_chunk_file(folder, k, arr.ndim, "."), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 write_all(fd, np.ascontiguousarray(arr[k * rows:(k + 1) * rows]), feed=scan.update)
             finally:
@@ -110,19 +110,20 @@ def read_raw(folder: Path, layout: RawLayout, index: int | None = None) -> np.nd
     if index is None:
         out = np.empty(layout.shape, layout.dtype)
         for k in range(layout.shape[0] // layout.rows if out.size else 0):
-            _read_chunk(folder / _key([k] + [0] * (len(layout.shape) - 1), layout.separator),
+            _read_chunk(_chunk_file(folder, k, len(layout.shape), layout.separator),
                         out[k * layout.rows:(k + 1) * layout.rows])
         return out
     if not -layout.shape[0] <= index < layout.shape[0]:
         raise IndexError(f"{folder}: row {index} of {layout.shape[0]}")
     index %= layout.shape[0]
     chunk = np.empty((layout.rows, *layout.shape[1:]), layout.dtype)
-    _read_chunk(folder / _key([index // layout.rows] + [0] * (len(layout.shape) - 1), layout.separator), chunk)
+    _read_chunk(_chunk_file(folder, index // layout.rows, len(layout.shape), layout.separator), chunk)
     return chunk[index % layout.rows]
 
 
-def _key(coords: list[int], separator: str) -> str:
-    return separator.join(["c", *map(str, coords)])
+def _chunk_file(folder: Path, k: int, ndim: int, separator: str) -> Path:
+    """The file of chunk `k` along the first axis (every other chunk index is 0): e.g. `c.3.0.0`."""
+    return folder / separator.join(["c", str(k), *["0"] * (ndim - 1)])
 
 
 def _read_chunk(path: Path, into: np.ndarray) -> None:

@@ -15,9 +15,9 @@ from torch import Tensor
 
 from extract.devices import resolve_device
 from extract.errors import AHError
+from extract.host_memory import available_bytes
 from extract.value_scan import all_finite
 from extract.vocab import LAST, MODALITIES, PREFIX, SEGMENTS
-from extract.host_memory import available_bytes
 from heads.split_data import DataError, SplitData
 from heads.tokens import Ragged
 

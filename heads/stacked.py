@@ -34,13 +34,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from extract.devices import resolve_device
-from heads.config import ConfigError, ModelConfig, TrainConfig
-from heads.split_data import SplitData
 from extract.host_memory import keep_freed_memory
+from heads.config import ConfigError, ModelConfig, TrainConfig
 from heads.infer import WindowLogits, autocast, per_video_modalities
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.model import build_model
 from heads.resume import SnapshotBuffers
+from heads.split_data import SplitData
 from heads.tokens import Tokens
 from heads.train import accumulation_weights, epoch_seed, joint_loss, make_optimizer, pos_weight_for, steps_per_epoch
 from heads.train_state import EpochRecord, TrainingStopped, TrainProgress, TrainResult, TrainState

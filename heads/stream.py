@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import torch
 from torch import Tensor
 
-from extract.vocab import LAST, MODALITIES
 from extract.host_memory import available_bytes
+from extract.vocab import LAST, MODALITIES
 from heads.infer import WindowLogits, window_logits
 from heads.load import ReadPlan, load_split, read_plan, read_rows, split_ids, split_nbytes, where
 from heads.split_data import DataError, SplitData
@@ -138,7 +138,7 @@ def scan_split(reader, split: str, layers: Sequence[str] = (LAST,), *, modalitie
     def read(vid: str) -> SplitData:
         return read_rows(reader, split, [vid], plan, verify=verify)
 
-    with ThreadPoolExecutor(2) as pool:       # checksums and decompression release the GIL
+    with ThreadPoolExecutor(2) as pool:       # file reads and decompression release the GIL (CRC32C does not)
         for i, one in enumerate(prefetched_pool(pool, ids, read, 2)):
             labels[i], n_windows[i] = one.labels[0], one.n_windows[0]
             for layer in plan.layers:

@@ -39,12 +39,12 @@ from torch import Tensor, nn
 
 from extract.devices import resolve_device
 from extract.files import atomic_write_json
+from extract.host_memory import keep_freed_memory
 from extract.locks import folder_lock
 from extract.precision import grad_scaler
 from extract.vocab import PREFIX
 from heads import run_files as rf
 from heads.config import ConfigError, ModelConfig, TrainConfig
-from extract.host_memory import keep_freed_memory
 from heads.infer import WindowLogits, autocast, window_logits
 from heads.metrics import bah_metrics, sweep_threshold
 from heads.model import build_model
